@@ -1,0 +1,83 @@
+"""gunicorn settings: ``gunicorn -c config/gunicorn.conf.py wsgi:app``.
+
+The model is loaded once in the master (``preload_app``) so workers share its memory; what is not
+fork-safe (torch thread pools, CUDA, the warm-up pass) happens in each worker after the fork.
+Command-line flags and ``GUNICORN_CMD_ARGS`` override anything set here.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dotenv import load_dotenv  # noqa: E402
+
+load_dotenv()  # the same .env as wsgi.py, read before the settings below
+
+from config.logging import logging_config  # noqa: E402
+from config.settings import ConfigError, from_env, server_from_env  # noqa: E402
+
+try:
+    _server = server_from_env()
+    _app_settings = from_env()
+except ConfigError as exc:
+    sys.exit(f"error: {exc}")
+
+# prometheus_client picks multiprocess mode at import, from this variable: set it before the app
+# is imported, and empty the directory so counters of an earlier run are not merged in.
+_metrics_dir = _server.metrics_dir or tempfile.mkdtemp(prefix="prediction-service-metrics-")
+shutil.rmtree(_metrics_dir, ignore_errors=True)
+os.makedirs(_metrics_dir, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+bind = f"0.0.0.0:{_server.port}"
+workers = _server.workers
+worker_class = "sync"
+timeout = _server.timeout
+graceful_timeout = _server.graceful_timeout
+keepalive = 5
+preload_app = True
+control_socket_disable = True  # no admin socket: nothing uses it, and test servers would share one
+# A safety net against slow leaks: each worker is replaced after this many requests (jittered so
+# workers do not restart together).
+max_requests = _server.max_requests
+max_requests_jitter = _server.max_requests_jitter
+accesslog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
+logconfig_dict = logging_config(_app_settings.LOG_LEVEL, _app_settings.LOG_FORMAT)
+loglevel = _app_settings.LOG_LEVEL.lower()
+
+
+def on_starting(server):
+    """In the master, once the app is imported: load (or fetch) the model, or stop with one line."""
+    from service.registry import ModelLoadError, registry
+
+    try:
+        registry.load()
+    except ModelLoadError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def post_fork(server, worker):
+    """In each worker: torch threads, device, warm-up pass, model-info metric."""
+    from service.observability import record_model
+    from service.registry import registry
+
+    registry.prepare_worker(threads=_server.torch_threads)
+    record_model(registry.info.get("model_uuid"), registry.info["sha256"], registry.info["device"])
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the merged metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, _metrics_dir)
+
+
+def on_exit(server):
+    """Remove the metrics directory this run made for itself."""
+    if not _server.metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -1,0 +1,174 @@
+"""Settings read from the environment: the one place that looks at ``os.environ``."""
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the variable and the problem."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated service settings; keys match the environment variables that set them."""
+
+    PRED_MODEL_UUID: str | None = None
+    PRED_MODEL_PATH: str | None = None
+    PRED_MODEL_URI: str | None = None
+    MODELS_DIR: str = str(PROJECT_ROOT / "models")
+    USE_CUDA: bool = False
+    USE_MPS: bool = False
+    MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
+    MAX_FILES: int = 64
+    MAX_IMAGE_PIXELS: int = 4096 * 4096
+    VERIFY_MODEL_ON_START: bool = False
+    LOG_LEVEL: str = "INFO"
+    LOG_FORMAT: str = "text"
+    API_KEY: str | None = field(default=None, repr=False)
+    CORS_ORIGINS: tuple[str, ...] = ()
+    PROMETHEUS_MULTIPROC_DIR: str | None = None
+
+    def as_config(self):
+        """Return the settings as a mapping for ``app.config.update``."""
+        return asdict(self)
+
+
+def _flag(environ, name, default=False):
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}: expected a boolean (1/0, true/false, yes/no, on/off), got {raw!r}")
+
+
+def _positive_int(environ, name, default):
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a positive whole number, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"{name}: must be at least 1, got {value}")
+    return value
+
+
+def parse_size(raw):
+    """Parse a byte count such as ``16777216``, ``16M``, ``16MiB`` or ``512k``."""
+    match = _SIZE.match(raw)
+    if not match:
+        raise ValueError(raw)
+    number, unit = match.groups()
+    return int(number) * (_SIZE_UNITS[unit[0].lower()] if unit else 1)
+
+
+def _size(environ, name, default):
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = parse_size(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a size in bytes such as 16777216 or 16MiB, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"{name}: must be at least 1 byte")
+    return value
+
+
+def _choice(environ, name, default, choices):
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    value = raw.strip()
+    for choice in choices:
+        if value.lower() == choice.lower():
+            return choice
+    raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+
+
+def _text(environ, name):
+    raw = environ.get(name)
+    return raw.strip() if raw and raw.strip() else None
+
+
+def from_env(environ=None):
+    """Read and validate every setting; raise ConfigError naming the first bad variable."""
+    environ = os.environ if environ is None else environ
+    model_path = _text(environ, "PRED_MODEL_PATH")
+    model_uuid = _text(environ, "PRED_MODEL_UUID")
+    if model_path:
+        model_path = str(Path(model_path).expanduser().absolute())
+    model_uri = _text(environ, "PRED_MODEL_URI")
+    if model_uri and not model_uri.startswith(("runs:/", "models:/")):
+        raise ConfigError(
+            f"PRED_MODEL_URI: expected runs:/<run_id>/<path> or models:/<name>@<alias> "
+            f"or models:/<name>/<version>, got {model_uri!r}"
+        )
+    origins = tuple(o.strip() for o in environ.get("CORS_ORIGINS", "").split(",") if o.strip())
+    if "*" in origins:
+        raise ConfigError("CORS_ORIGINS: list the allowed origins explicitly; '*' is not accepted")
+    return Settings(
+        PRED_MODEL_UUID=model_uuid,
+        PRED_MODEL_PATH=model_path,
+        PRED_MODEL_URI=model_uri,
+        MODELS_DIR=str(Path(environ.get("MODELS_DIR") or PROJECT_ROOT / "models").absolute()),
+        USE_CUDA=_flag(environ, "USE_CUDA"),
+        USE_MPS=_flag(environ, "USE_MPS"),
+        MAX_CONTENT_LENGTH=_size(environ, "MAX_CONTENT_LENGTH", Settings.MAX_CONTENT_LENGTH),
+        MAX_FILES=_positive_int(environ, "MAX_FILES", Settings.MAX_FILES),
+        MAX_IMAGE_PIXELS=_positive_int(environ, "MAX_IMAGE_PIXELS", Settings.MAX_IMAGE_PIXELS),
+        VERIFY_MODEL_ON_START=_flag(environ, "VERIFY_MODEL_ON_START"),
+        LOG_LEVEL=_choice(environ, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+        LOG_FORMAT=_choice(environ, "LOG_FORMAT", "text", ("text", "json")),
+        API_KEY=_text(environ, "API_KEY"),
+        CORS_ORIGINS=origins,
+        PROMETHEUS_MULTIPROC_DIR=_text(environ, "PROMETHEUS_MULTIPROC_DIR"),
+    )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """gunicorn's settings; see config/gunicorn.conf.py."""
+
+    port: int
+    workers: int
+    torch_threads: int
+    timeout: int
+    graceful_timeout: int
+    max_requests: int
+    max_requests_jitter: int
+    metrics_dir: str | None
+
+
+def server_from_env(environ=None, cpu_count=None):
+    """Read gunicorn's settings; torch threads default to cores / workers, at least one."""
+    environ = os.environ if environ is None else environ
+    workers = _positive_int(environ, "WEB_CONCURRENCY", 2)
+    cores = cpu_count or os.cpu_count() or 1
+    port = _positive_int(environ, "PORT", 8080)
+    if port > 65535:
+        raise ConfigError(f"PORT: must be at most 65535, got {port}")
+    return ServerSettings(
+        port=port,
+        workers=workers,
+        torch_threads=_positive_int(environ, "TORCH_NUM_THREADS", max(1, cores // workers)),
+        timeout=_positive_int(environ, "GUNICORN_TIMEOUT", 90),
+        graceful_timeout=_positive_int(environ, "GUNICORN_GRACEFUL_TIMEOUT", 30),
+        max_requests=_positive_int(environ, "GUNICORN_MAX_REQUESTS", 20000),
+        max_requests_jitter=_positive_int(environ, "GUNICORN_MAX_REQUESTS_JITTER", 2000),
+        metrics_dir=_text(environ, "PROMETHEUS_MULTIPROC_DIR"),
+    )

@@ -1,0 +1,1 @@
+"""HTTP interface: versioned API blueprints, health probes and metrics."""

@@ -1,0 +1,81 @@
+"""The ``model`` resource: predictions and the identity of the served model."""
+
+import logging
+import time
+
+from flask import current_app
+from flask_smorest import Blueprint, abort
+
+from service import observability, security
+from service.inference import ImageError, decode_image
+from service.registry import ModelLoadError, ModelNotReady, registry
+from service.schemas import PredictQuerySchema, PredictResponseSchema, UploadSchema, VersionResponseSchema
+
+log = logging.getLogger(__name__)
+
+blp = Blueprint("model", __name__, url_prefix="/api/v1/model", description="Classify images with the served model.")
+blp.before_request(security.require_api_key)
+
+
+def _classifier():
+    try:
+        return registry.get()
+    except (ModelLoadError, ModelNotReady) as exc:
+        log.error("model unavailable: %s", exc)
+        abort(503, message=f"the model is not available: {exc}")
+
+
+@blp.route("/predict", methods=["POST"])
+@blp.arguments(PredictQuerySchema, location="query", as_kwargs=True)
+@blp.arguments(UploadSchema, location="files", as_kwargs=True)
+@blp.response(200, PredictResponseSchema)
+@blp.alt_response(401, response="UNAUTHORIZED")
+@blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
+@blp.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
+@blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+def predict(image_file, top_k=None):
+    """Classify one or more images
+
+    Send each image as a multipart field named `image_file` (repeat the field for several;
+    at most MAX_FILES). All images go through one batched forward pass, and the predictions
+    come back in upload order. Add `?top_k=N` for the N most probable labels of each image.
+    """
+    max_files = current_app.config["MAX_FILES"]
+    if len(image_file) > max_files:
+        abort(422, message=f"too many files: {len(image_file)} sent, at most {max_files} (MAX_FILES) per request")
+    classifier = _classifier()
+    if top_k is not None and top_k > len(classifier.labels):
+        abort(422, message=f"top_k must be between 1 and {len(classifier.labels)} (the number of labels), got {top_k}")
+    max_pixels = current_app.config["MAX_IMAGE_PIXELS"]
+    try:
+        images = [decode_image(upload.read(), upload.filename, max_pixels) for upload in image_file]
+    except ImageError as exc:
+        abort(422, message=f"image_file {exc}", errors={"files": {"image_file": [str(exc)]}})
+    started = time.perf_counter()
+    predictions = classifier.predict(images, top_k)
+    observability.record_predictions([p.label for p in predictions], len(images), time.perf_counter() - started)
+    return {
+        "data": [
+            {
+                "image_filename": upload.filename,
+                "prediction": p.label,
+                "confidence": p.confidence,
+                **({"top_k": [{"label": label, "probability": prob} for label, prob in p.top_k]} if p.top_k else {}),
+            }
+            for upload, p in zip(image_file, predictions)
+        ]
+    }
+
+
+@blp.route("/version")
+@blp.response(200, VersionResponseSchema)
+@blp.alt_response(401, response="UNAUTHORIZED")
+@blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+def version():
+    """Identify the served model
+
+    `model_uuid` is the MLflow run id the weights came from (as in the template); the other
+    fields say which file is served, its SHA-256, the architecture, labels and device.
+    """
+    _classifier()
+    return {"data": registry.info}

@@ -1,0 +1,90 @@
+"""Request ids and Prometheus metrics: what an operator sees of every request."""
+
+import logging
+import re
+import time
+import uuid
+
+from flask import g, has_request_context, request
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# A caller's id is kept only when it is short and plain, so it is safe in logs and headers.
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+REQUESTS = Counter("http_requests_total", "HTTP requests served.", ["endpoint", "method", "status"])
+REQUEST_LATENCY = Histogram(
+    "http_request_duration_seconds", "Time to answer an HTTP request.", ["endpoint", "method"],
+    buckets=_LATENCY_BUCKETS,
+)
+INFERENCE_LATENCY = Histogram(
+    "model_inference_duration_seconds", "Time of one batched forward pass.", buckets=_LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram(
+    "model_batch_size", "Images per batched forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+PREDICTIONS = Counter("model_predictions_total", "Predictions returned, by label.", ["label"])
+MODEL_INFO = Gauge(
+    "model_info", "The model this worker serves (value 1).", ["model_uuid", "sha256", "device"],
+    multiprocess_mode="liveall",
+)
+
+
+class RequestIdFilter(logging.Filter):
+    """Put the current request's id on every log record (``-`` outside a request)."""
+
+    def filter(self, record):
+        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        return True
+
+
+def current_request_id():
+    """Return the id of the request being served."""
+    return g.get("request_id", "-")
+
+
+def _start_request():
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    g.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    g.request_started = time.perf_counter()
+
+
+def _finish_request(response):
+    response.headers[REQUEST_ID_HEADER] = current_request_id()
+    endpoint = request.url_rule.rule if request.url_rule else "<unmatched>"
+    started = g.get("request_started")
+    if started is not None:
+        REQUEST_LATENCY.labels(endpoint, request.method).observe(time.perf_counter() - started)
+    REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+    return response
+
+
+def init_app(app):
+    """Tag every request with an id and count it."""
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
+
+
+def record_model(model_uuid, sha256, device):
+    """Publish the model-info gauge for this worker."""
+    MODEL_INFO.labels(model_uuid or "", sha256, device).set(1)
+
+
+def record_predictions(labels, batch_size, seconds):
+    """Count one batched forward pass and the labels it returned."""
+    INFERENCE_LATENCY.observe(seconds)
+    BATCH_SIZE.observe(batch_size)
+    for label in labels:
+        PREDICTIONS.labels(label).inc()
+
+
+def render_metrics(multiprocess_dir=None):
+    """Return the exposition text and its content type, merged across workers when multiprocess."""
+    if multiprocess_dir:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,79 @@
+"""Request and response schemas; they also document the API in the OpenAPI spec."""
+
+import marshmallow as ma
+from flask_smorest.fields import Upload
+
+
+class UploadSchema(ma.Schema):
+    """The multipart form of a prediction request."""
+
+    image_file = ma.fields.List(
+        Upload(),
+        required=True,
+        metadata={"description": "One or more images (PNG, JPEG, GIF, BMP, WebP, TIFF); repeat the field for more."},
+    )
+
+
+class PredictQuerySchema(ma.Schema):
+    """Query options of a prediction request."""
+
+    top_k = ma.fields.Integer(
+        validate=ma.validate.Range(min=1),
+        metadata={"description": "Also return the k most probable labels (1 to the number of labels)."},
+    )
+
+
+class LabelProbabilitySchema(ma.Schema):
+    """A label and the probability the model gives it."""
+
+    label = ma.fields.String(required=True)
+    probability = ma.fields.Float(required=True)
+
+
+class PredictionSchema(ma.Schema):
+    """The prediction for one uploaded image."""
+
+    image_filename = ma.fields.String(
+        required=True, allow_none=True, metadata={"description": "The filename the client sent, as sent."}
+    )
+    prediction = ma.fields.String(required=True, metadata={"description": "The most probable label."})
+    confidence = ma.fields.Float(required=True, metadata={"description": "Softmax probability of the prediction."})
+    top_k = ma.fields.List(
+        ma.fields.Nested(LabelProbabilitySchema),
+        metadata={"description": "The k most probable labels, best first; only when top_k is asked for."},
+    )
+
+
+class PredictResponseSchema(ma.Schema):
+    """Predictions in upload order."""
+
+    data = ma.fields.List(ma.fields.Nested(PredictionSchema), required=True)
+
+
+class ModelVersionSchema(ma.Schema):
+    """What is being served, and where it came from."""
+
+    model_uuid = ma.fields.String(allow_none=True, metadata={"description": "MLflow run id of the model."})
+    model_path = ma.fields.String(metadata={"description": "The weights file being served."})
+    sha256 = ma.fields.String(metadata={"description": "SHA-256 of the weights file."})
+    architecture = ma.fields.String()
+    device = ma.fields.String(metadata={"description": "cpu, cuda or mps."})
+    labels = ma.fields.List(ma.fields.String())
+    input_shape = ma.fields.List(ma.fields.Integer(), metadata={"description": "[channels, height, width]"})
+    loaded_at = ma.fields.String(metadata={"description": "When this process loaded the model (UTC, ISO 8601)."})
+    model_uri = ma.fields.String(allow_none=True, metadata={"description": "PRED_MODEL_URI, when served from MLflow."})
+    model_name = ma.fields.String(allow_none=True, metadata={"description": "Registered model name, if any."})
+    model_version = ma.fields.String(allow_none=True, metadata={"description": "Registered model version, if any."})
+
+
+class VersionResponseSchema(ma.Schema):
+    """The envelope of the version endpoint."""
+
+    data = ma.fields.Nested(ModelVersionSchema, required=True)
+
+
+class HealthSchema(ma.Schema):
+    """A health probe's answer."""
+
+    status = ma.fields.String(required=True, metadata={"description": "ok or unavailable"})
+    reason = ma.fields.String(metadata={"description": "Why the service is not ready."})

@@ -1,0 +1,140 @@
+"""Helpers shared by the tests: images, model files and real server processes."""
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+
+from service.architectures import DigitCNN
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+GUNICORN_CMD = [str(BIN / "gunicorn"), "-c", "config/gunicorn.conf.py", "wsgi:app"]
+
+
+def free_port():
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def encode(image, fmt="PNG", **params):
+    """Return the bytes of a PIL image saved in ``fmt``."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def digit_image(index=0, size=28):
+    """A real handwritten digit (scikit-learn's bundled set) as a white-on-black grayscale image."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
+    image = Image.fromarray(pixels, mode="L")
+    return image.resize((size, size), Image.Resampling.BILINEAR), str(digits.target[index])
+
+
+def write_template_checkpoint(path, seed=0, **extras):
+    """Write a checkpoint shaped like the template's (random weights) and return its path."""
+    torch.manual_seed(seed)
+    model = DigitCNN()
+    optimiser = torch.optim.Adadelta(model.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "epoch": 1,
+            "model_state_dict": model.state_dict(),
+            "optimiser_state_dict": optimiser.state_dict(),
+            "train_loss": 0.5,
+            "test_loss": 0.4,
+            **extras,
+        },
+        path,
+    )
+    return path
+
+
+@dataclass
+class Server:
+    """A running server process and where to reach it."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_until_ready(url, process, log_path, timeout=60.0, path="/health/ready"):
+    """Poll ``url + path`` until it answers 200; fail with the server's log if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
+        try:
+            if requests.get(url + path, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"server not ready after {timeout}s:\n{log_path.read_text(errors='replace')}")
+
+
+def stop(process, timeout=30.0):
+    """Stop a process group politely, then for good."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def run_gunicorn(tmp_path, env=None, workers=2, ready=True, timeout=60.0):
+    """Start gunicorn exactly as deployed (config/gunicorn.conf.py) on a free loopback port.
+
+    ``env`` adds to (or, with None values, removes from) the environment. The server is always
+    stopped, and its combined output is kept in a log file for assertions and failures.
+    """
+    port = free_port()
+    environment = {
+        **os.environ,
+        "WEB_CONCURRENCY": str(workers),
+        "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key, value in (env or {}).items():
+        if value is None:
+            environment.pop(key, None)
+        else:
+            environment[key] = str(value)
+    log_path = tmp_path / f"gunicorn-{port}.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            GUNICORN_CMD, cwd=ROOT, env=environment, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        if ready:
+            wait_until_ready(server.url, process, log_path, timeout)
+        yield server
+    finally:
+        stop(process)
