@@ -16,7 +16,8 @@ class ImageError(ValueError):
     """An upload is not an image we can classify; the message names the file."""
 
     def __init__(self, filename, problem):
-        super().__init__(f"{filename!r}: {problem}")
+        shown = filename if filename is None or len(filename) <= 120 else f"{filename[:117]}..."
+        super().__init__(f"{shown!r}: {problem}")
         self.filename = filename
         self.problem = problem
 
