@@ -172,3 +172,14 @@ def server_from_env(environ=None, cpu_count=None):
         max_requests_jitter=_positive_int(environ, "GUNICORN_MAX_REQUESTS_JITTER", 2000),
         metrics_dir=_text(environ, "PROMETHEUS_MULTIPROC_DIR"),
     )
+
+
+def child_environment(overrides):
+    """Return this process's environment for a child process, with ``overrides`` (None removes)."""
+    environment = dict(os.environ)
+    for name, value in overrides.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = str(value)
+    return environment

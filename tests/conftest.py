@@ -4,9 +4,16 @@ import pytest
 
 from service import create_app
 from service.registry import registry
-from tests.support import write_template_checkpoint
+from tests.support import SERVICE_VARIABLES, write_template_checkpoint
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def default_environment(monkeypatch):
+    """Start every test from the default settings, whatever the developer's shell exports."""
+    for name in SERVICE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +33,29 @@ def app(tiny_checkpoint):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def make_app(tiny_checkpoint):
+    """Create apps with settings of the test's choosing (the tiny checkpoint unless told otherwise)."""
+
+    def make(**config):
+        return create_app({"TESTING": True, "PRED_MODEL_PATH": str(tiny_checkpoint), **config})
+
+    yield make
+    registry.configure({})
+
+
+TRAINED_RUN_ID = "fedcba9876543210fedcba9876543210"
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    """A really trained checkpoint (default training settings, no MLflow) as models/<run_id>/model/model.pt.
+
+    Its held-out accuracy, as measured by training, is stored in it under ``test_accuracy``.
+    """
+    from service.training import TrainConfig, fit
+
+    root = tmp_path_factory.mktemp("trained")
+    return fit(TrainConfig(), progress=False).save(root / "models" / TRAINED_RUN_ID / "model" / "model.pt")

@@ -1,0 +1,206 @@
+"""The embedded default: a local MLflow tracking server, the demo model trained there once, then served.
+
+``make serve`` with no model configured runs :func:`serve_demo`: it starts the tracking server
+(sqlite store and artifacts under ``var/mlflow/``), trains the demo model there unless a demo run
+exists, downloads it by run id as an operator would, and serves it with gunicorn. ``make mlflow``
+runs the same tracking server alone.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+from config.settings import PROJECT_ROOT, child_environment
+
+log = logging.getLogger(__name__)
+
+STORE = PROJECT_ROOT / "var" / "mlflow"
+HOST = "127.0.0.1"
+PORT = 5000
+DEMO_TAG = "demo"
+DEMO_MODEL_NAME = "digit-classifier"
+DEMO_ALIAS = "demo"
+GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "config/gunicorn.conf.py", "wsgi:app"]
+# The job runner serves MLflow's GenAI features, unused here, with a dozen worker processes.
+TRACKING_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+_START_TIMEOUT_S = 180
+
+
+class DemoError(RuntimeError):
+    """The demo cannot be set up; the message says why in one line."""
+
+
+def tracking_server_command(store=STORE, host=HOST, port=PORT):
+    """The ``mlflow server`` command line for a local store: sqlite runs, proxied local artifacts, one worker."""
+    store = Path(store).absolute()
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination", str(store / "artifacts"),
+        "--serve-artifacts",
+        "--host", host,
+        "--port", str(port),
+        "--workers", "1",
+    ]
+
+
+def tracking_server_url(host=HOST, port=PORT):
+    """The URL clients use for the local tracking server."""
+    return f"http://{host}:{port}"
+
+
+def tracking_server_answers(url):
+    """True when an MLflow tracking server answers its health check at ``url``."""
+    try:
+        response = requests.get(f"{url}/health", timeout=2)
+    except requests.RequestException:
+        return False
+    return response.status_code == 200 and response.text.strip() == "OK"
+
+
+def exec_tracking_server(store=STORE, host=HOST, port=PORT):
+    """Replace this process with the tracking server (``make mlflow``): Ctrl-C reaches it directly."""
+    command = tracking_server_command(store, host, port)
+    Path(store).mkdir(parents=True, exist_ok=True)
+    os.chdir(store)  # anything the server writes beside its store stays in it
+    os.execve(command[0], command, child_environment(TRACKING_SERVER_ENV))
+
+
+def start_tracking_server(store=STORE, host=HOST, port=PORT, timeout=_START_TIMEOUT_S):
+    """Start the tracking server in its own session, logging to ``<store>/server.log``; wait until it answers."""
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    url = tracking_server_url(host, port)
+    log_path = store / "server.log"
+    log.info("starting the MLflow tracking server at %s (store %s, log %s)", url, store, log_path)
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            tracking_server_command(store, host, port),
+            cwd=store,
+            env=child_environment(TRACKING_SERVER_ENV),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    started = time.monotonic()
+    next_note = started + 5
+    while not tracking_server_answers(url):
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise DemoError(f"the MLflow tracking server exited with {process.returncode}: {tail[0]} (see {log_path})")
+        if time.monotonic() - started > timeout:
+            stop(process)
+            raise DemoError(f"the MLflow tracking server did not answer at {url} within {timeout} s (see {log_path})")
+        if time.monotonic() > next_note:
+            log.info("waiting for the MLflow tracking server at %s (%.0f s)", url, time.monotonic() - started)
+            next_note += 5
+        time.sleep(0.25)
+    log.info("MLflow tracking server ready in %.1f s: UI at %s", time.monotonic() - started, url)
+    return process
+
+
+def stop(process, timeout=20):
+    """Stop a process started in its own session, and everything it started: politely, then for good."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def find_demo_run(tracking, experiment):
+    """The id of the latest finished demo run in ``experiment``, or None."""
+    found = tracking.client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = tracking.client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.{DEMO_TAG} = 'true' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def ensure_demo_run(tracking):
+    """Return the demo run's id, training and registering it first if the server has none."""
+    from service.training import DEFAULT_EXPERIMENT, TrainConfig, train_and_log
+
+    run_id = find_demo_run(tracking, DEFAULT_EXPERIMENT)
+    if run_id:
+        log.info("reusing demo run %s from %s", run_id, tracking.shown)
+        return run_id
+    log.info("no demo run on %s yet: training one (once)", tracking.shown)
+    logged = train_and_log(
+        TrainConfig(), tracking, DEFAULT_EXPERIMENT, DEMO_MODEL_NAME, DEMO_ALIAS, tags={DEMO_TAG: "true"}
+    )
+    return logged.run_id
+
+
+@contextmanager
+def _exit_on_termination():
+    """Turn SIGTERM and SIGHUP into SystemExit, so that cleanup runs as it does for Ctrl-C."""
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_demo(models_dir, store=STORE, host=HOST, port=PORT):
+    """Serve the demo model from a local tracking server; return gunicorn's exit status.
+
+    A tracking server already answering at ``host:port`` is used as it is and left running;
+    one started here is stopped on exit, Ctrl-C and SIGTERM included, and so is gunicorn.
+    """
+    from service import mlflow_store
+
+    url = tracking_server_url(host, port)
+    server = gunicorn = None
+    with _exit_on_termination():
+        try:
+            if tracking_server_answers(url):
+                log.info("using the MLflow tracking server already running at %s", url)
+            else:
+                server = start_tracking_server(store, host, port)
+            tracking = mlflow_store.connect(url)
+            run_id = ensure_demo_run(tracking)
+            path = mlflow_store.download_run(run_id, models_dir, tracking=tracking)
+            log.info("serving run %s (%s); MLflow UI at %s; Ctrl-C stops both", run_id, path, url)
+            gunicorn = subprocess.Popen(
+                GUNICORN,
+                cwd=PROJECT_ROOT,
+                env=child_environment({"PRED_MODEL_PATH": path, "PRED_MODEL_UUID": run_id, "PRED_MODEL_URI": None}),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            return gunicorn.wait()
+        finally:
+            stop(gunicorn, timeout=40)
+            if server is not None:
+                log.info("stopping the MLflow tracking server at %s", url)
+                stop(server)
+
+
+def exec_gunicorn():
+    """Replace this process with gunicorn serving the configured model, exactly as deployed."""
+    os.chdir(PROJECT_ROOT)
+    os.execv(GUNICORN[0], GUNICORN)

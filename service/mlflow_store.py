@@ -1,0 +1,331 @@
+"""Models on an MLflow tracking server: connect, resolve ``runs:/`` and ``models:/`` URIs, fetch atomically.
+
+Every download, by the ``model download`` command, at start-up for ``PRED_MODEL_URI`` or by the
+embedded demo, goes through :func:`download_run`: the run's artifacts land in a hidden folder
+beside ``models/<run_id>/``, the model file is loaded as the service would load it, and only then
+is the folder renamed into place. A broken transfer therefore never leaves a model that is served.
+
+MLflow reads its own variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_TRACKING_USERNAME``,
+``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_INSECURE_TLS``...).
+"""
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
+from mlflow.utils.rest_utils import http_request
+
+from service.registry import read_model
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model/model.pt"
+MODEL_FILE = "model.pt"
+# A run id becomes a folder name: accept what MLflow generates, never a path.
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,255}$")
+_URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+# Unreachable servers should fail in seconds: MLflow's own client retries for minutes.
+PROBE_TIMEOUT_S = 10
+_AUTH_ERRORS = {"UNAUTHENTICATED": "refused the credentials", "PERMISSION_DENIED": "denied access"}
+
+
+class FetchError(RuntimeError):
+    """A model cannot be fetched from MLflow; the message is one line for an operator."""
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """A model file on local disk and the MLflow run (and registered version) it came from."""
+
+    path: Path
+    run_id: str
+    model_name: str | None = None
+    model_version: str | None = None
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """A client for one tracking server, and the URI it is shown as (credentials removed)."""
+
+    client: MlflowClient
+    uri: str
+
+    @property
+    def shown(self):
+        """The server's URI as messages show it."""
+        return shown_uri(self.uri)
+
+
+def shown_uri(uri):
+    """``uri`` with any ``user:password@`` removed, fit for messages and logs."""
+    return _URI_CREDENTIALS.sub("", str(uri))
+
+
+def first_line(exc):
+    """The gist of an (MLflow) error in one line, without credentials or MLflow's error-code prefix."""
+    text = str(getattr(exc, "message", None) or exc)
+    lines = [line.strip(" #") for line in text.splitlines() if line.strip(" #")]
+    line = lines[0] if lines else exc.__class__.__name__
+    if line.endswith(":") and len(lines) > 1:
+        line = f"{line} {' '.join(lines[1:3])}"  # e.g. "failures occurred ...:" then the file and its error
+    line = re.sub(r"^[A-Z_]+: ", "", line)
+    password = read_mlflow_creds().password
+    if password:
+        line = line.replace(password, "***")
+    return shown_uri(line)[:300]
+
+
+def _connection_problem(exc):
+    """Why a request never got an HTTP answer, in a few words."""
+    cause = exc
+    while cause.__context__ is not None and cause.__context__ is not cause:
+        cause = cause.__context__
+    text = str(cause)
+    for words in ("Connection refused", "Name or service not known", "No route to host", "timed out"):
+        if words.lower() in text.lower():
+            return words.lower()
+    return first_line(cause)
+
+
+def _probe(uri):
+    """Fail in seconds, with one line, when an HTTP tracking server is down or refuses our credentials."""
+    if not uri.startswith(("http://", "https://")):
+        return  # a local store (sqlite:, file:): nothing to reach
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            params={"max_results": 1},
+            max_retries=0,
+            timeout=PROBE_TIMEOUT_S,
+            raise_on_status=False,
+        )
+    except MlflowException as exc:
+        problem = _connection_problem(exc)
+        raise FetchError(f"cannot reach the MLflow tracking server at {shown_uri(uri)}: {problem}") from None
+    if response.status_code == 401:
+        raise FetchError(
+            f"the MLflow tracking server at {shown_uri(uri)} refused the credentials (HTTP 401): "
+            "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+        )
+    if response.status_code == 403:
+        raise FetchError(f"the MLflow tracking server at {shown_uri(uri)} denied access (HTTP 403)")
+
+
+def connect(tracking_uri=None):
+    """Return a :class:`Tracking` for ``tracking_uri`` (default: MLflow's own, from MLFLOW_TRACKING_URI).
+
+    Raises FetchError when the server cannot be reached or refuses the credentials.
+    """
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    _probe(uri)
+    return Tracking(MlflowClient(tracking_uri=uri), uri)
+
+
+def _failure(exc, tracking, subject):
+    """Turn an MLflow error about ``subject`` into a one-line FetchError."""
+    code = getattr(exc, "error_code", None)
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return FetchError(f"{subject} not found on the MLflow tracking server at {tracking.shown}")
+    if code in _AUTH_ERRORS:
+        return FetchError(f"the MLflow tracking server at {tracking.shown} {_AUTH_ERRORS[code]} ({subject})")
+    return FetchError(f"{subject}: {first_line(exc)}")
+
+
+def check_run_id(run_id):
+    """Raise FetchError unless ``run_id`` looks like an MLflow run id (it becomes a folder name)."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise FetchError(f"{run_id!r} is not an MLflow run id (letters, digits, '-' and '_')")
+
+
+def get_run(tracking, run_id):
+    """Return the MLflow run ``run_id``; raise FetchError naming the problem in one line."""
+    check_run_id(run_id)
+    try:
+        return tracking.client.get_run(run_id)
+    except MlflowException as exc:
+        raise _failure(exc, tracking, f"run {run_id}") from None
+
+
+def _list_files(tracking, run_id, path=None):
+    """Return {artifact path: size in bytes or None} for every file of the run, recursively."""
+    files = {}
+    for info in tracking.client.list_artifacts(run_id, path):
+        if info.is_dir:
+            files.update(_list_files(tracking, run_id, info.path))
+        else:
+            files[info.path] = info.file_size
+    return files
+
+
+def model_file(artifact):
+    """The model file an artifact path names: itself, or ``model.pt`` inside it for a folder."""
+    artifact = artifact.strip("/")
+    if not artifact:
+        return MODEL_ARTIFACT
+    last = artifact.rsplit("/", 1)[-1]
+    return artifact if "." in last else f"{artifact}/{MODEL_FILE}"
+
+
+def local_model_path(models_dir, run_id, artifact=MODEL_ARTIFACT):
+    """Where :func:`download_run` puts ``artifact`` of run ``run_id``: ``<models_dir>/<run_id>/<artifact>``."""
+    check_run_id(run_id)
+    return Path(models_dir) / run_id / artifact
+
+
+def _size(nbytes):
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
+
+
+def _check_download(staging, files, artifact):
+    """Raise FetchError unless every file arrived whole and the model loads as the service loads it."""
+    for path, size in files.items():
+        local = staging / path
+        if not local.is_file():
+            raise FetchError(f"{path} is missing after the download")
+        if size is not None and local.stat().st_size != size:
+            raise FetchError(f"{path} is {local.stat().st_size} bytes after the download, expected {size}")
+    try:
+        classifier, metadata = read_model((staging / artifact).read_bytes())
+    except Exception as exc:  # read_model's ValueErrors, and whatever else torch raises for a broken file
+        raise FetchError(f"{artifact} cannot be served: {first_line(exc)}") from None
+    return classifier, metadata
+
+
+def _install(staging, target, artifact):
+    """Move a checked download into place in one rename; a finished copy already there wins."""
+    try:
+        os.rename(staging, target)
+        return
+    except OSError:
+        if (target / artifact).is_file():
+            return  # another process finished the same download first
+    # An incomplete folder is in the way (not one this code made): swap it out.
+    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    os.rename(target, aside)
+    os.rename(staging, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def download_run(run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None):
+    """Download run ``run_id``'s artifacts into ``<models_dir>/<run_id>/`` and return the model file's path.
+
+    A no-op (no server contact) when the model file is already there: only checked, complete
+    downloads are ever renamed into place. Raises FetchError, one line, for an unknown run, an
+    unreachable server, refused credentials, a run without ``artifact``, or a failed transfer.
+    """
+    target_file = local_model_path(models_dir, run_id, artifact)
+    target = Path(models_dir) / run_id
+    if target_file.is_file():
+        log.info("run %s is already downloaded: %s", run_id, target_file)
+        return target_file
+    tracking = tracking or connect()
+    get_run(tracking, run_id)
+    try:
+        files = _list_files(tracking, run_id)
+    except MlflowException as exc:
+        raise _failure(exc, tracking, f"artifacts of run {run_id}") from None
+    if artifact not in files:
+        listed = ", ".join(sorted(files)[:8]) or "no artifacts at all"
+        raise FetchError(f"run {run_id} has no {artifact} artifact (it has {listed})")
+    total = sum(size or 0 for size in files.values())
+    try:
+        Path(models_dir).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", suffix=".partial", dir=models_dir))
+    except OSError as exc:
+        raise FetchError(f"cannot write to {models_dir} (MODELS_DIR): {exc.strerror}") from None
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
+        log.info(
+            "downloading run %s from %s: %d file(s), %s, into %s",
+            run_id, tracking.shown, len(files), _size(total), target,
+        )
+        try:
+            mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(staging), tracking_uri=tracking.uri)
+        except MlflowException as exc:
+            raise FetchError(f"downloading run {run_id} failed: {first_line(exc)}") from None
+        except OSError as exc:
+            raise FetchError(f"downloading run {run_id} failed: {exc}") from None
+        try:
+            classifier, metadata = _check_download(staging, files, artifact)
+        except FetchError as exc:
+            raise FetchError(f"run {run_id}: {exc}") from None
+        try:
+            _install(staging, target, artifact)
+        except OSError as exc:
+            raise FetchError(f"cannot move run {run_id} into {target}: {exc.strerror}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info(
+        "checked and saved %s (%s, %d labels)", target_file, metadata["architecture"], len(classifier.labels)
+    )
+    return target_file
+
+
+def _parse_uri(uri):
+    """Split a model URI into ("runs", run_id, artifact) or ("models", name, (alias, version))."""
+    if uri.startswith("runs:/"):
+        run_id, _, artifact = uri[len("runs:/"):].strip("/").partition("/")
+        if not run_id:
+            raise FetchError(f"{uri!r}: expected runs:/<run_id>/<artifact path>")
+        return "runs", run_id, model_file(artifact)
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/"):].strip("/")
+        if "@" in rest:
+            name, _, alias = rest.partition("@")
+            if name and alias and "/" not in alias:
+                return "models", name, (alias, None)
+        else:
+            name, _, version = rest.rpartition("/")
+            if name and version.isdigit():
+                return "models", name, (None, version)
+        raise FetchError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    raise FetchError(f"{uri!r}: expected a runs:/ or models:/ URI")
+
+
+def _artifact_of_version(tracking, version):
+    """The model file inside its run that a registered model version points at."""
+    source = version.source or ""
+    if source.startswith("runs:/"):
+        return model_file(source[len("runs:/"):].partition("/")[2])
+    root = get_run(tracking, version.run_id).info.artifact_uri.rstrip("/")
+    if source.startswith(root + "/"):
+        return model_file(source[len(root) + 1:])
+    return MODEL_ARTIFACT
+
+
+def fetch_model_uri(uri, models_dir, tracking_uri=None):
+    """Fetch the model a ``runs:/`` or ``models:/`` URI names into ``<models_dir>/<run_id>/`` (once).
+
+    ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` are resolved to their run on the
+    tracking server; a ``runs:/`` URI already on disk needs no server at all.
+    """
+    kind, name, detail = _parse_uri(uri)
+    if kind == "runs":
+        if local_model_path(models_dir, name, detail).is_file():
+            return FetchedModel(local_model_path(models_dir, name, detail), name)
+        return FetchedModel(download_run(name, models_dir, detail, connect(tracking_uri)), name)
+    alias, number = detail
+    tracking = connect(tracking_uri)
+    try:
+        if alias:
+            version = tracking.client.get_model_version_by_alias(name, alias)
+        else:
+            version = tracking.client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise _failure(exc, tracking, f"registered model {uri[len('models:/'):]}") from None
+    if not version.run_id:
+        raise FetchError(f"{uri}: version {version.version} of {name} has no run to fetch the model from")
+    path = download_run(version.run_id, models_dir, _artifact_of_version(tracking, version), tracking)
+    log.info("%s is version %s of %s, from run %s", uri, version.version, name, version.run_id)
+    return FetchedModel(path, version.run_id, name, str(version.version))

@@ -1,0 +1,463 @@
+"""The model lifecycle against a real ``mlflow server``: train, fetch by run id or URI, serve, verify."""
+
+import hashlib
+import http.server
+import os
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from mlflow import MlflowClient
+
+from service import create_app, demo, mlflow_store
+from service.inference import decode_image
+from service.registry import ModelLoadError, ModelRegistry, read_model, registry
+from service.verify import held_out_pngs
+from tests.support import BIN, ROOT, free_port, run_gunicorn, stop, wait_until_ready, write_template_checkpoint
+
+pytestmark = pytest.mark.slow
+
+ADMIN_PASSWORD = "correct-horse-battery-staple-42"
+UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
+MODEL_NAME = "digits"
+ALIAS = "champion"
+EPOCHS = 2
+# A few requests' worth of uploads, under MAX_FILES.
+UPLOAD_BATCH = 60
+
+
+@contextmanager
+def mlflow_server(store, env=None, app_name=None):
+    """Run ``mlflow server`` as ``make mlflow`` does, on a free loopback port with its store in ``store``.
+
+    The server is always stopped.
+    """
+    store.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = demo.tracking_server_command(store, "127.0.0.1", port)
+    if app_name:
+        command += ["--app-name", app_name]
+    environment = {**os.environ, **demo.TRACKING_SERVER_ENV, **(env or {})}
+    log_path = store / "server.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=store, env=environment, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process, log_path, timeout=180, path="/health")
+        yield url
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def tracking_url(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def auth_tracking_url(tmp_path_factory):
+    """A basic-auth tracking server whose admin is ``admin`` / ADMIN_PASSWORD; readers need credentials."""
+    store = tmp_path_factory.mktemp("mlflow-auth")
+    config = store / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{store / 'auth.db'}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-secret-for-csrf",
+    }
+    with mlflow_server(store, env, app_name="basic-auth") as url:
+        yield url
+
+
+def service_env(tracking_uri, models_dir, **extra):
+    """The environment a user's shell would have: a tracking server, a models folder, no model set."""
+    return {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MODELS_DIR": str(models_dir),
+        "PRED_MODEL_PATH": None,
+        "PRED_MODEL_URI": None,
+        "PRED_MODEL_UUID": None,
+        "VERIFY_MODEL_ON_START": None,
+        "MLFLOW_TRACKING_USERNAME": None,
+        "MLFLOW_TRACKING_PASSWORD": None,
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def flask_model(*args, env, timeout=300):
+    """Run ``flask --app wsgi model ARGS`` as a user would; return the finished process."""
+    environment = dict(os.environ)
+    for key, value in env.items():
+        if value is None:
+            environment.pop(key, None)
+        else:
+            environment[key] = str(value)
+    return subprocess.run(
+        [str(BIN / "flask"), "--app", "wsgi", "model", *args],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+def flask_model_in_process(monkeypatch, *args, env):
+    """Run ``flask model ARGS`` through click in this process (quicker than a new interpreter)."""
+    for key, value in env.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, str(value))
+    app = create_app({"TESTING": True, "MODELS_DIR": env["MODELS_DIR"]})
+    try:
+        result = app.test_cli_runner().invoke(args=["model", *args])
+    finally:
+        registry.configure({})
+    # the shape of subprocess.run's result, so that both kinds are checked alike
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def assert_one_line_error(result, *fragments):
+    """A failed command: non-zero exit, ending in one ``Error:`` line with ``fragments``, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def wait_for_log(server, text, count=1, timeout=60):
+    """Poll the server's log until ``text`` appears ``count`` times; return the log."""
+    deadline = time.monotonic() + timeout
+    while server.log().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} not logged {count} times:\n{server.log()}"
+        assert server.process.poll() is None, server.log()
+        time.sleep(0.2)
+    return server.log()
+
+
+def nothing_served_in(models_dir, run_id):
+    """True when no model of ``run_id`` (nor any half-download) is left under ``models_dir``."""
+    return not (Path(models_dir) / run_id).exists() and not list(Path(models_dir).rglob("model.pt"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tracking_url, tmp_path_factory):
+    """A run trained by ``flask model train`` (a short run), registered as MODEL_NAME @ALIAS."""
+    result = flask_model(
+        "train", "--epochs", str(EPOCHS), "--train-limit", "600", "--register-name", MODEL_NAME, "--alias", ALIAS,
+        env=service_env(tracking_url, tmp_path_factory.mktemp("unused-models")),
+    )
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.strip()
+    assert len(run_id) == 32 and "\n" not in run_id, result.stdout  # stdout carries the run id alone
+    return run_id
+
+
+def predict_over_http(url, pngs):
+    predictions = []
+    for start in range(0, len(pngs), UPLOAD_BATCH):
+        files = [("image_file", (name, data, "image/png")) for name, data, _ in pngs[start : start + UPLOAD_BATCH]]
+        response = requests.post(f"{url}/api/v1/model/predict", files=files, timeout=60)
+        assert response.status_code == 200, response.text
+        predictions += response.json()["data"]
+    return predictions
+
+
+def predict_in_process(model_path, pngs):
+    classifier, _ = read_model(Path(model_path).read_bytes())
+    predictions = []
+    for start in range(0, len(pngs), UPLOAD_BATCH):
+        chunk = pngs[start : start + UPLOAD_BATCH]
+        predictions += classifier.predict([decode_image(data, name, 1_000_000) for name, data, _ in chunk])
+    return predictions
+
+
+def test_training_logs_params_metrics_checkpoint_and_plots(tracking_url, trained_run):
+    client = MlflowClient(tracking_url)
+    run = client.get_run(trained_run)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["epochs"] == str(EPOCHS) and params["architecture"] == "digit_cnn"
+    assert {"seed", "split_seed", "test_fraction", "learning_rate", "batch_size"} <= set(params)
+    for metric in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        history = client.get_metric_history(trained_run, metric)
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), metric
+    assert 0.3 < run.data.metrics["test_accuracy"] <= 1.0
+    files = {f.path for f in client.list_artifacts(trained_run)} | {
+        f.path for f in client.list_artifacts(trained_run, "model")
+    }
+    assert {"model/model.pt", "confusion_matrix.png", "sample_predictions.png"} <= files
+    version = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
+    assert version.run_id == trained_run
+
+
+def test_download_by_run_id_then_gunicorn_predicts_as_in_process(tracking_url, trained_run, tmp_path):
+    models_dir = tmp_path / "models"
+    result = flask_model("download", trained_run, env=service_env(tracking_url, models_dir))
+    assert result.returncode == 0, result.stderr
+    model_path = models_dir / trained_run / "model" / "model.pt"
+    assert result.stdout.strip() == f"export PRED_MODEL_PATH={model_path}"
+    assert {"confusion_matrix.png", "sample_predictions.png"} <= {p.name for p in (models_dir / trained_run).iterdir()}
+    assert "downloading run" in result.stderr and "3 file(s)" in result.stderr  # progress
+
+    # Complete files: a second download needs no server at all.
+    gone = f"http://127.0.0.1:{free_port()}"
+    again = flask_model("download", trained_run, env=service_env(gone, models_dir))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == result.stdout
+
+    run = MlflowClient(tracking_url).get_run(trained_run)
+    pngs = held_out_pngs(int(run.data.params["split_seed"]), float(run.data.params["test_fraction"]))
+    expected = predict_in_process(model_path, pngs)
+    env = service_env(tracking_url, models_dir, PRED_MODEL_PATH=model_path)
+    with run_gunicorn(tmp_path, env=env, workers=1) as server:
+        served = predict_over_http(server.url, pngs)
+        version = requests.get(f"{server.url}/api/v1/model/version", timeout=10).json()["data"]
+    assert [p["prediction"] for p in served] == [p.label for p in expected]
+    assert [p["confidence"] for p in served] == pytest.approx([p.confidence for p in expected], abs=1e-5)
+    accuracy = sum(p["prediction"] == label for p, (_, _, label) in zip(served, pngs)) / len(pngs)
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=0.01)
+    assert version["model_uuid"] == trained_run
+    assert version["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+
+
+def test_pred_model_uri_runs_fetches_once_serves_and_passes_its_start_up_check(tracking_url, trained_run, tmp_path):
+    models_dir = tmp_path / "models"
+    uri = f"runs:/{trained_run}/model/model.pt"
+    env = service_env(tracking_url, models_dir, PRED_MODEL_URI=uri, VERIFY_MODEL_ON_START="1")
+    with run_gunicorn(tmp_path, env=env, workers=2) as server:
+        version = requests.get(f"{server.url}/api/v1/model/version", timeout=10).json()["data"]
+        (name, data, _), = held_out_pngs()[:1]
+        response = requests.post(f"{server.url}/api/v1/model/predict", files={"image_file": (name, data)}, timeout=30)
+        log = wait_for_log(server, "parity check passed", count=2)  # one per worker
+    model_path = models_dir / trained_run / "model" / "model.pt"
+    assert response.status_code == 200, response.text
+    assert version["model_uuid"] == trained_run
+    assert version["model_uri"] == uri
+    assert version["model_path"] == str(model_path)
+    assert version["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+    assert log.count("downloading run") == 1, log  # in the master, once for both workers
+
+
+def test_pred_model_uri_with_a_registered_alias(tracking_url, trained_run, tmp_path):
+    models_dir = tmp_path / "models"
+    env = service_env(tracking_url, models_dir, PRED_MODEL_URI=f"models:/{MODEL_NAME}@{ALIAS}")
+    with run_gunicorn(tmp_path, env=env, workers=1) as server:
+        version = requests.get(f"{server.url}/api/v1/model/version", timeout=10).json()["data"]
+    assert version["model_uuid"] == trained_run
+    assert (version["model_name"], version["model_version"]) == (MODEL_NAME, "1")
+    assert version["model_uri"] == f"models:/{MODEL_NAME}@{ALIAS}"
+    assert Path(version["model_path"]) == models_dir / trained_run / "model" / "model.pt"
+
+
+def test_registered_version_numbers_resolve_too(tracking_url, trained_run, tmp_path):
+    fetched = mlflow_store.fetch_model_uri(f"models:/{MODEL_NAME}/1", tmp_path / "models", tracking_url)
+    assert (fetched.run_id, fetched.model_name, fetched.model_version) == (trained_run, MODEL_NAME, "1")
+    assert fetched.path == tmp_path / "models" / trained_run / "model" / "model.pt"
+    with pytest.raises(mlflow_store.FetchError, match="not found"):
+        mlflow_store.fetch_model_uri(f"models:/{MODEL_NAME}@no-such-alias", tmp_path / "models", tracking_url)
+
+
+def test_a_model_that_fails_its_start_up_check_is_never_ready(tracking_url, trained_run, tmp_path):
+    # The run's own weights, served with the labels in the wrong order: what train/serve skew looks like.
+    tracking = mlflow_store.connect(tracking_url)
+    downloaded = mlflow_store.download_run(trained_run, tmp_path / "models", tracking=tracking)
+    checkpoint = torch.load(downloaded, weights_only=True)
+    checkpoint["metadata"]["labels"] = [str(d) for d in reversed(range(10))]
+    skewed = tmp_path / "skewed" / "models" / trained_run / "model" / "model.pt"
+    skewed.parent.mkdir(parents=True)
+    torch.save(checkpoint, skewed)
+    env = service_env(tracking_url, tmp_path / "models", PRED_MODEL_PATH=skewed, VERIFY_MODEL_ON_START="1")
+    with run_gunicorn(tmp_path, env=env, workers=1, ready=False) as server:
+        wait_until_ready(server.url, server.process, server.log_path, timeout=60, path="/health/live")
+        ready = requests.get(f"{server.url}/health/ready", timeout=10)
+        (name, data, _), = held_out_pngs()[:1]
+        predict = requests.post(f"{server.url}/api/v1/model/predict", files={"image_file": (name, data)}, timeout=30)
+    assert ready.status_code == 503
+    assert "parity check failed" in ready.json()["reason"] and "points apart" in ready.json()["reason"]
+    assert predict.status_code == 503
+
+
+def test_verify_command_passes_a_run_and_fails_a_skewed_model(tracking_url, trained_run, tmp_path, monkeypatch):
+    env = service_env(tracking_url, tmp_path / "models")
+    passed = flask_model_in_process(monkeypatch, "verify", trained_run, env=env)
+    assert passed.returncode == 0, passed.stderr
+    assert passed.stdout.startswith("parity check passed:") and trained_run in passed.stdout
+
+    checkpoint = torch.load(tmp_path / "models" / trained_run / "model" / "model.pt", weights_only=True)
+    checkpoint["metadata"]["labels"] = [str(d) for d in reversed(range(10))]
+    torch.save(checkpoint, tmp_path / "skewed.pt")
+    failed = flask_model_in_process(
+        monkeypatch, "verify", str(tmp_path / "skewed.pt"), "--run-id", trained_run, env=env
+    )
+    assert_one_line_error(failed, "parity check failed", "points apart", trained_run)
+
+
+def test_download_errors_are_one_line_and_leave_nothing(tracking_url, tmp_path, monkeypatch):
+    models_dir = tmp_path / "models"
+
+    unknown = flask_model("download", UNKNOWN_RUN, env=service_env(tracking_url, models_dir))
+    assert_one_line_error(unknown, UNKNOWN_RUN, "not found", tracking_url)
+
+    unreachable_url = f"http://127.0.0.1:{free_port()}"
+    unreachable = flask_model_in_process(
+        monkeypatch, "download", UNKNOWN_RUN, env=service_env(unreachable_url, models_dir)
+    )
+    assert_one_line_error(unreachable, "cannot reach the MLflow tracking server", unreachable_url)
+
+    client = MlflowClient(tracking_url)
+    run = client.create_run(client.create_experiment("no-model-here"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("no model in this run")
+    client.log_artifact(run.info.run_id, str(notes))
+    client.set_terminated(run.info.run_id)
+    without_model = flask_model_in_process(
+        monkeypatch, "download", run.info.run_id, env=service_env(tracking_url, models_dir)
+    )
+    assert_one_line_error(without_model, "has no model/model.pt", "notes.txt")
+
+    not_a_run = flask_model_in_process(monkeypatch, "download", "../../etc", env=service_env(tracking_url, models_dir))
+    assert_one_line_error(not_a_run, "not an MLflow run id")
+
+    assert not models_dir.exists() or not any(models_dir.iterdir())
+
+
+def test_download_with_credentials_and_refused_credentials(auth_tracking_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+    client = MlflowClient(auth_tracking_url)
+    run = client.create_run(client.create_experiment("secured"))
+    checkpoint = write_template_checkpoint(tmp_path / "upload" / "model.pt")
+    client.log_artifact(run.info.run_id, str(checkpoint), "model")
+    client.set_terminated(run.info.run_id)
+    run_id = run.info.run_id
+    models_dir = tmp_path / "models"
+
+    wrong_password = "not-the-password-123"
+    refused = flask_model_in_process(
+        monkeypatch, "download", run_id,
+        env=service_env(
+            auth_tracking_url, models_dir, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=wrong_password
+        ),
+    )
+    assert_one_line_error(refused, "refused the credentials", "MLFLOW_TRACKING_PASSWORD")
+    assert wrong_password not in refused.stdout + refused.stderr
+    anonymous = flask_model_in_process(monkeypatch, "download", run_id, env=service_env(auth_tracking_url, models_dir))
+    assert_one_line_error(anonymous, "refused the credentials")
+    assert not models_dir.exists() or not any(models_dir.iterdir())
+
+    allowed = flask_model(
+        "download", run_id,
+        env=service_env(
+            auth_tracking_url, models_dir, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD
+        ),
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert ADMIN_PASSWORD not in allowed.stdout + allowed.stderr
+    model_path = models_dir / run_id / "model" / "model.pt"
+    assert model_path.read_bytes() == checkpoint.read_bytes()
+
+
+class _CuttingProxy(http.server.BaseHTTPRequestHandler):
+    """Forwards requests to the tracking server, but breaks every transfer of a model.pt midway."""
+
+    upstream = None
+    mode = "dropped"
+
+    def _forward(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        upstream = requests.request(
+            self.command,
+            self.upstream + self.path,
+            data=self.rfile.read(length) if length else None,
+            headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
+            timeout=30,
+        )
+        body = upstream.content
+        cut = self.command == "GET" and self.path.split("?")[0].endswith("/model.pt")
+        self.send_response(upstream.status_code)
+        self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/octet-stream"))
+        if cut and self.mode == "truncated":
+            body = body[: len(body) // 2]  # a clean, complete-looking response that is too short
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if cut and self.mode == "dropped":
+            self.wfile.write(body[: len(body) // 2])  # then the connection drops
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    do_GET = do_POST = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def cutting_proxy(upstream, mode):
+    handler = type("Handler", (_CuttingProxy,), {"upstream": upstream, "mode": mode})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["dropped", "truncated"])
+def test_an_interrupted_download_leaves_nothing_that_is_served(tracking_url, trained_run, tmp_path, mode, monkeypatch):
+    models_dir = tmp_path / "models"
+    with cutting_proxy(tracking_url, mode) as proxy_url:
+        broken = flask_model_in_process(monkeypatch, "download", trained_run, env=service_env(proxy_url, models_dir))
+    assert_one_line_error(broken, trained_run, "model/model.pt")
+    assert nothing_served_in(models_dir, trained_run)
+    assert not list(models_dir.iterdir())  # no half-download left behind either
+
+    # Serving the path the download would have filled fails to start: no half model is served.
+    models = ModelRegistry()
+    models.configure({"PRED_MODEL_PATH": str(models_dir / trained_run / "model" / "model.pt")})
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        models.load()
+
+    completed = flask_model_in_process(monkeypatch, "download", trained_run, env=service_env(tracking_url, models_dir))
+    assert completed.returncode == 0, completed.stderr
+    read_model((models_dir / trained_run / "model" / "model.pt").read_bytes())
+
+
+def test_the_cli_commands_are_registered_with_the_app():
+    app = create_app({"TESTING": True})
+    try:
+        result = app.test_cli_runner().invoke(args=["model", "--help"])
+    finally:
+        registry.configure({})
+    assert result.exit_code == 0
+    for command in ("download", "train", "verify", "serve", "tracking-server", "inspect"):
+        assert command in result.output
+
+
+def test_alias_without_a_registered_name_is_refused():
+    app = create_app({"TESTING": True})
+    try:
+        result = app.test_cli_runner().invoke(args=["model", "train", "--alias", "x"])
+    finally:
+        registry.configure({})
+    assert result.exit_code == 2
+    assert "--alias needs --register-name" in result.output
