@@ -146,5 +146,14 @@ class Classifier:
         return results
 
     def warm_up(self):
-        """Run one forward pass on a blank batch, so the first request pays no set-up cost."""
-        self.forward(torch.zeros((1, *self.input_spec.shape)))
+        """Run one forward pass on a blank batch, so the first request pays no set-up cost.
+
+        Raises RuntimeError when the network's output does not fit the labels: better at start-up
+        than as a 500 on every request.
+        """
+        probabilities = self.forward(torch.zeros((1, *self.input_spec.shape)))
+        if tuple(probabilities.shape) != (1, len(self.labels)):
+            raise RuntimeError(
+                f"the network returned {list(probabilities.shape)} for one image: {probabilities.shape[-1]} "
+                f"classes but the model has {len(self.labels)} labels"
+            )

@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ TEMPLATE_ARCHITECTURE = "digit_cnn"
 TEMPLATE_LABELS = tuple(str(d) for d in range(10))
 TORCHSCRIPT_METADATA = "metadata.json"
 _MODEL_PATH_LAYOUT = re.compile(r"(?:^|/)models/(?P<uuid>[^/]+)/model/[^/]+$")
+_UNPICKLING_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 class ModelLoadError(ValueError):
@@ -72,6 +74,20 @@ def select_device(use_cuda, use_mps):
     return torch.device("cpu"), f"{reason}; USE_MPS is not set"
 
 
+def _error_detail(exc):
+    """The telling line of a torch error (they come with advice paragraphs and interpreter traces)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for marker in ("WeightsUnpickler error:", "Unpickler error:"):
+        for i, line in enumerate(lines[:-1]):
+            if line.endswith(marker):
+                return f"{exc.__class__.__name__}: {lines[i + 1]}"[:300]
+    if not lines:
+        return exc.__class__.__name__
+    # TorchScript errors end with the original exception; others state it first.
+    line = lines[-1] if "Traceback of TorchScript" in str(exc) else f"{exc.__class__.__name__}: {lines[0]}"
+    return line[:300]
+
+
 def _is_torchscript(data):
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -105,7 +121,10 @@ def _labels(metadata):
 
 def _load_torchscript(data):
     extra = {TORCHSCRIPT_METADATA: ""}
-    module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream but is a format this service serves: no warning per start.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
     if not extra[TORCHSCRIPT_METADATA]:
         raise ValueError(f"TorchScript archive has no {TORCHSCRIPT_METADATA} with labels and input_shape")
     metadata = json.loads(extra[TORCHSCRIPT_METADATA])
@@ -120,10 +139,15 @@ def _load_checkpoint(data):
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         # weights_only refuses any global it does not know: that is the point.
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        refused = _UNPICKLING_GLOBAL.search(str(exc))
+        if refused:
+            raise ValueError(
+                f"refused: the file is not a plain weights file and loading it would need arbitrary "
+                f"unpickling (it references {refused.group(1)})"
+            ) from None
         raise ValueError(
-            f"refused: the file is not a plain weights file and loading it would need arbitrary unpickling "
-            f"({first_line})"
+            f"not a model file: neither a TorchScript archive nor a PyTorch weights file, or it is corrupt "
+            f"({_error_detail(exc)})"
         ) from None
     if isinstance(checkpoint, dict) and "model_state_dict" in checkpoint:
         state_dict, metadata = checkpoint["model_state_dict"], checkpoint.get("metadata") or {}
@@ -138,16 +162,32 @@ def _load_checkpoint(data):
         raise ValueError("the checkpoint's 'metadata' must be a dict")
     metadata.setdefault("architecture", TEMPLATE_ARCHITECTURE)
     module = architectures.build(metadata["architecture"], num_classes=len(_labels(metadata)))
+    fixed_shape = getattr(module, "input_shape", None)
+    if fixed_shape is not None:
+        # A network with a fixed input size fails on any other only at its first forward pass,
+        # which under gunicorn is the worker's warm-up: say so now, in one line.
+        shape = metadata.setdefault("input_shape", list(fixed_shape))
+        if not isinstance(shape, (list, tuple)) or list(shape) != list(fixed_shape):
+            raise ValueError(
+                f"input_shape {shape!r} does not fit architecture {metadata['architecture']!r}, "
+                f"which takes {list(fixed_shape)}"
+            )
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise ValueError(f"weights do not fit architecture {metadata['architecture']!r}: {detail[:300]}") from None
+    # Channels-last weights make CPU convolutions and pooling faster (a fifth of a one-image
+    # forward pass), with results equal up to float rounding. Only for our own architectures,
+    # which reshape rather than view their activations; a TorchScript model is left as it is.
+    module.to(memory_format=torch.channels_last)
     return module, metadata
 
 
 def read_model(data):
     """Build a CPU :class:`Classifier` and its metadata from the bytes of a model file."""
+    if not data:
+        raise ValueError("the file is empty")
     module, metadata = _load_torchscript(data) if _is_torchscript(data) else _load_checkpoint(data)
     module.eval()
     classifier = Classifier(module, _labels(metadata), _input_spec(metadata))
@@ -198,7 +238,11 @@ class ModelRegistry:
         """Load the configured model on the CPU; raise ModelLoadError naming the setting at fault."""
         with self._lock:
             if self.classifier is None:
-                self._load()
+                try:
+                    self._load()
+                except ModelLoadError as exc:
+                    self.problem = str(exc)  # what /health/ready reports
+                    raise
         return self.classifier
 
     def _resolve(self):
@@ -269,7 +313,16 @@ class ModelRegistry:
             classifier.device = device
             self.info["device"] = str(device)
             started = time.perf_counter()
-            classifier.warm_up()
+            try:
+                classifier.warm_up()
+            except Exception as exc:
+                # e.g. metadata giving an input size the network does not take
+                setting = "PRED_MODEL_PATH" if self.source.path else "PRED_MODEL_URI"
+                self.problem = (
+                    f"{setting}: {self.info.get('model_path')}: the warm-up forward pass on a "
+                    f"{list(classifier.input_spec.shape)} input failed ({_error_detail(exc)})"
+                )
+                raise ModelLoadError(self.problem) from None
             log.info("warm-up forward pass took %.1f ms", (time.perf_counter() - started) * 1000)
             self.problem = self._verify(classifier)
             self.prepared = True

@@ -10,6 +10,7 @@ class UploadSchema(ma.Schema):
     image_file = ma.fields.List(
         Upload(),
         required=True,
+        validate=ma.validate.Length(min=1),
         metadata={"description": "One or more images (PNG, JPEG, GIF, BMP, WebP, TIFF); repeat the field for more."},
     )
 

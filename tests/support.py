@@ -8,17 +8,21 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import psutil
 import requests
 import torch
 from PIL import Image
 
+from config.settings import Settings
 from service.architectures import DigitCNN
 
 ROOT = Path(__file__).resolve().parent.parent
+# The environment variables the service reads; tests start with none of them set.
+SERVICE_VARIABLES = tuple(f.name for f in fields(Settings)) + ("WEB_CONCURRENCY", "TORCH_NUM_THREADS")
 BIN = Path(sys.executable).parent
 GUNICORN_CMD = [str(BIN / "gunicorn"), "-c", "config/gunicorn.conf.py", "wsgi:app"]
 
@@ -37,6 +41,27 @@ def encode(image, fmt="PNG", **params):
     return buffer.getvalue()
 
 
+MULTIPART_BOUNDARY = "test-boundary-7f3a9c"
+
+
+def multipart_body(parts, boundary=MULTIPART_BOUNDARY):
+    """Build a multipart/form-data body byte for byte: ``parts`` are (name, filename, data).
+
+    Names and filenames are bytes and go out exactly as given (no quoting, no encoding), so a
+    test can send what a hostile client would; a None filename makes a plain form field.
+    Returns the body and its Content-Type.
+    """
+    delimiter = b"--" + boundary.encode()
+    chunks = []
+    for name, filename, data in parts:
+        disposition = b'Content-Disposition: form-data; name="' + name + b'"'
+        if filename is not None:
+            disposition += b'; filename="' + filename + b'"'
+        chunks.append(delimiter + b"\r\n" + disposition + b"\r\nContent-Type: application/octet-stream\r\n\r\n" + data)
+    body = b"\r\n".join(chunks) + b"\r\n" + delimiter + b"--\r\n"
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
 def digit_image(index=0, size=28):
     """A real handwritten digit (scikit-learn's bundled set) as a white-on-black grayscale image."""
     from sklearn.datasets import load_digits
@@ -45,6 +70,21 @@ def digit_image(index=0, size=28):
     pixels = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
     image = Image.fromarray(pixels, mode="L")
     return image.resize((size, size), Image.Resampling.BILINEAR), str(digits.target[index])
+
+
+def digit_batch(indices=(0, 1, 2)):
+    """Digits as the template's network takes them: Nx1x28x28 in [0, 1], built without the service."""
+    pixels = [np.asarray(digit_image(i)[0], dtype=np.float32) / 255.0 for i in indices]
+    return torch.from_numpy(np.stack(pixels)[:, None])
+
+
+def template_probabilities(state_dict, batch, num_classes=10):
+    """Class probabilities the template's network, in eval mode, gives each image of ``batch``."""
+    model = DigitCNN(num_classes)
+    model.load_state_dict(state_dict)
+    model.eval()
+    with torch.no_grad():
+        return torch.exp(model(batch))
 
 
 def write_template_checkpoint(path, seed=0, **extras):
@@ -92,6 +132,18 @@ def wait_until_ready(url, process, log_path, timeout=60.0, path="/health/ready")
             pass
         time.sleep(0.2)
     raise AssertionError(f"server not ready after {timeout}s:\n{log_path.read_text(errors='replace')}")
+
+
+def wait_for_workers(process, count, timeout=60.0, exclude=()):
+    """Wait until gunicorn's master ``process`` has ``count`` workers (none in ``exclude``); return their pids."""
+    master = psutil.Process(process.pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = {child.pid for child in master.children()}
+        if len(pids) == count and not pids & set(exclude):
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"gunicorn has workers {pids}, expected {count} new to {set(exclude)}")
 
 
 def stop(process, timeout=30.0):

@@ -1,0 +1,490 @@
+"""The model registry: every model format it serves, the files it refuses, devices and provenance."""
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+from datetime import datetime
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from config.settings import from_env
+from service.architectures import DigitCNN
+from service.inference import InputSpec, decode_image, preprocess
+from service.registry import ModelLoadError, ModelRegistry, model_uuid_from_path, read_model, select_device
+from tests import images
+from tests.conftest import RUN_ID
+from tests.support import digit_batch, encode, template_probabilities, write_template_checkpoint
+
+DIGITS = [str(d) for d in range(10)]
+
+# The test models are written with TorchScript, deprecated upstream but a format users have.
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:`torch\.jit\.(script|save)` is deprecated:FutureWarning",
+    r"ignore:Detected pickle protocol:UserWarning",
+)
+
+
+def classify(classifier, indices=(0, 1, 2)):
+    decoded = [decode_image(images.png(i), f"{i}.png", 10**8) for i in indices]
+    return classifier.predict(decoded, top_k=len(classifier.labels))
+
+
+def probabilities_by_label(prediction, labels):
+    ranked = dict(prediction.top_k)
+    return torch.tensor([ranked[label] for label in labels])
+
+
+def load(path, **settings):
+    """Load ``path`` through a registry of its own, as a serving process does."""
+    source = ModelRegistry()
+    source.configure({"PRED_MODEL_PATH": str(path), **settings})
+    source.get()
+    return source
+
+
+class ColourNet(nn.Module):
+    """Not the template's CNN: 3x32x32 RGB in, three labels out, one per dominant colour."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(3) * 10)
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
+
+
+def write_torchscript(path, metadata=None):
+    scripted = torch.jit.script(ColourNet().train())  # saved in training mode: loading must switch it off
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"metadata.json": json.dumps(metadata)} if metadata is not None else {}
+    torch.jit.save(scripted, str(path), _extra_files=extra)
+    return path
+
+
+COLOUR_METADATA = {"labels": ["red", "green", "blue"], "input_shape": [3, 32, 32]}
+
+
+# -- formats ------------------------------------------------------------------------------------
+
+
+def test_the_templates_checkpoint_loads_and_predicts(tiny_checkpoint):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    assert {"epoch", "optimiser_state_dict", "train_loss", "test_loss"} <= checkpoint.keys()
+
+    classifier, metadata = read_model(tiny_checkpoint.read_bytes())
+
+    assert metadata["architecture"] == "digit_cnn"
+    assert classifier.labels == tuple(DIGITS)
+    assert classifier.input_spec == InputSpec(1, 28, 28, None, None)
+    expected = template_probabilities(checkpoint["model_state_dict"], digit_batch())
+    for prediction, row in zip(classify(classifier), expected):
+        assert prediction.label == DIGITS[int(row.argmax())]
+        assert prediction.confidence == pytest.approx(row.max().item(), rel=1e-5)
+        assert torch.allclose(probabilities_by_label(prediction, DIGITS), row, atol=1e-6)
+
+
+def test_a_bare_state_dict_loads_and_predicts(tmp_path):
+    torch.manual_seed(3)
+    state_dict = DigitCNN().state_dict()
+    path = tmp_path / "state_dict.pt"
+    torch.save(state_dict, path)
+
+    classifier, metadata = read_model(path.read_bytes())
+
+    assert metadata["architecture"] == "digit_cnn"
+    assert classifier.labels == tuple(DIGITS)
+    expected = template_probabilities(state_dict, digit_batch())
+    for prediction, row in zip(classify(classifier), expected):
+        assert prediction.label == DIGITS[int(row.argmax())]
+        assert torch.allclose(probabilities_by_label(prediction, DIGITS), row, atol=1e-6)
+
+
+@pytest.mark.parametrize(("colour", "label"), [((220, 30, 10), "red"), ((5, 200, 40), "green"), ((0, 10, 250), "blue")])
+def test_a_torchscript_archive_of_another_architecture_loads_and_predicts(tmp_path, colour, label):
+    path = write_torchscript(tmp_path / "colour.pt", COLOUR_METADATA)
+
+    classifier, metadata = read_model(path.read_bytes())
+
+    assert metadata["architecture"] == "torchscript:ColourNet"
+    assert classifier.labels == ("red", "green", "blue")
+    assert classifier.input_spec.shape == (3, 32, 32)
+    photo = decode_image(encode(Image.new("RGB", (45, 30), colour), "JPEG"), "photo.jpg", 10**8)
+    (prediction,) = classifier.predict([photo])
+    assert prediction.label == label
+    assert prediction.confidence > 0.9
+
+
+def test_a_torchscript_archive_is_served_with_its_metadata(tmp_path):
+    path = write_torchscript(tmp_path / "models" / "run42" / "model" / "model.pt", COLOUR_METADATA)
+    served = load(path)
+    assert served.info["architecture"] == "torchscript:ColourNet"
+    assert served.info["labels"] == ["red", "green", "blue"]
+    assert served.info["input_shape"] == [3, 32, 32]
+    assert served.info["model_uuid"] == "run42"
+
+
+def test_a_torchscript_archive_without_metadata_is_refused(tmp_path):
+    path = write_torchscript(tmp_path / "bare.pt")
+    with pytest.raises(ModelLoadError, match=r"PRED_MODEL_PATH: .*bare\.pt: .*no metadata\.json"):
+        load(path)
+
+
+def test_torchscript_metadata_must_give_labels_and_input_shape(tmp_path):
+    path = write_torchscript(tmp_path / "half.pt", {"labels": ["red", "green", "blue"]})
+    with pytest.raises(ModelLoadError, match="must give labels and input_shape"):
+        load(path)
+
+
+def test_torchscript_metadata_that_does_not_fit_the_network_stops_at_warm_up(tmp_path):
+    metadata = {"labels": ["red", "green", "blue", "grey"], "input_shape": [3, 32, 32]}
+    path = write_torchscript(tmp_path / "four.pt", metadata)
+    served = ModelRegistry()
+    served.configure({"PRED_MODEL_PATH": str(path)})
+    served.load()  # the archive itself is fine...
+    with pytest.raises(ModelLoadError, match=r"PRED_MODEL_PATH: .*four\.pt: .*3 classes but the model has 4 labels"):
+        served.get()  # ...but its first forward pass shows the metadata is wrong
+    assert not served.ready
+    assert "warm-up forward pass" in served.problem  # what /health/ready says
+
+
+def test_a_checkpoint_with_its_own_metadata_loads_and_normalises(tmp_path):
+    labels = ["cat", "dog", "bird"]
+    metadata = {
+        "architecture": "digit_cnn",
+        "input_shape": [1, 28, 28],
+        "normalize": {"mean": [0.1307], "std": [0.3081]},
+        "labels": labels,
+    }
+    torch.manual_seed(5)
+    state_dict = DigitCNN(num_classes=3).state_dict()
+    path = tmp_path / "trained.pt"
+    torch.save({"model_state_dict": state_dict, "metadata": metadata, "epoch": 3}, path)
+
+    classifier, loaded = read_model(path.read_bytes())
+
+    assert loaded["architecture"] == "digit_cnn"
+    assert classifier.labels == tuple(labels)
+    assert classifier.input_spec == InputSpec(1, 28, 28, (0.1307,), (0.3081,))
+    batch = digit_batch()
+    normalised = template_probabilities(state_dict, (batch - 0.1307) / 0.3081, num_classes=3)
+    unnormalised = template_probabilities(state_dict, batch, num_classes=3)
+    assert not torch.allclose(normalised, unnormalised, atol=1e-3), "normalisation must make a difference here"
+    for prediction, row in zip(classify(classifier), normalised):
+        assert prediction.label == labels[int(row.argmax())]
+        assert torch.allclose(probabilities_by_label(prediction, labels), row, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", ["checkpoint", "torchscript"])
+def test_models_run_in_eval_mode(tmp_path, build):
+    if build == "checkpoint":
+        path = write_template_checkpoint(tmp_path / "model.pt", seed=1)
+        batch = digit_batch((0,))
+    else:
+        path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
+        batch = torch.rand(1, 3, 32, 32)
+    classifier, _ = read_model(path.read_bytes())
+
+    assert not any(module.training for module in classifier.module.modules())
+    first, second = classifier.forward(batch), classifier.forward(batch)
+    assert torch.equal(first, second)
+
+    # The same network in training mode gives a different answer each time: Dropout is live in it,
+    # so the equality above shows eval() switched it off.
+    classifier.module.train()
+    with torch.no_grad():
+        assert not torch.equal(classifier.module(batch), classifier.module(batch))
+
+
+# -- files that are refused ---------------------------------------------------------------------
+
+
+def refused(path):
+    with pytest.raises(ModelLoadError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert message.startswith("PRED_MODEL_PATH: "), message
+    assert "\n" not in message
+    return message
+
+
+def test_a_missing_file_is_refused(tmp_path):
+    assert "does not exist" in refused(tmp_path / "missing.pt")
+
+
+def test_a_directory_is_refused(tmp_path):
+    assert "is a directory" in refused(tmp_path)
+
+
+def test_an_empty_file_is_refused(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    assert "the file is empty" in refused(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [os.urandom(4096), b"just some text\n" * 10, b"PK\x03\x04" + os.urandom(200)],
+    ids=["random", "text", "broken-zip"],
+)
+def test_garbage_is_refused_as_not_a_model(tmp_path, content):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(content)
+    message = refused(path)
+    assert "not a model file" in message
+    assert "arbitrary unpickling" not in message  # garbage is not an attack: say what it is
+
+
+def test_a_truncated_checkpoint_is_refused(tmp_path, tiny_checkpoint):
+    path = tmp_path / "cut.pt"
+    path.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    assert "not a model file" in refused(path)
+
+
+def test_weights_of_the_wrong_shapes_are_refused(tmp_path):
+    state_dict = DigitCNN().state_dict()
+    state_dict["fc1.weight"] = torch.zeros(128, 100)
+    path = tmp_path / "wrong.pt"
+    torch.save({"model_state_dict": state_dict}, path)
+    message = refused(path)
+    assert "do not fit architecture 'digit_cnn'" in message
+    assert "fc1.weight" in message
+
+
+def test_weights_missing_layers_are_refused(tmp_path):
+    state_dict = {k: v for k, v in DigitCNN().state_dict().items() if not k.startswith("fc2")}
+    path = tmp_path / "partial.pt"
+    torch.save(state_dict, path)
+    assert "fc2" in refused(path)
+
+
+def test_an_unknown_architecture_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"model_state_dict": DigitCNN().state_dict(), "metadata": {"architecture": "resnet9000"}}, path)
+    message = refused(path)
+    assert "unknown architecture 'resnet9000'" in message
+    assert "digit_cnn" in message  # and the ones it knows
+
+
+def test_an_input_shape_the_architecture_cannot_take_is_refused_at_load(tmp_path):
+    path = write_template_checkpoint(tmp_path / "big.pt", metadata={"input_shape": [1, 32, 32]})
+    assert "input_shape [1, 32, 32] does not fit architecture 'digit_cnn'" in refused(path)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        ({"labels": []}, "labels"),
+        ({"input_shape": [2, 28, 28]}, "input_shape"),
+        ({"normalize": {"mean": [0.5]}}, "normalize"),
+        ({"normalize": {"mean": [0.5], "std": [0.0]}}, "normalize"),
+    ],
+)
+def test_bad_metadata_is_refused(tmp_path, metadata, problem):
+    path = write_template_checkpoint(tmp_path / "meta.pt", metadata=metadata)
+    assert problem in refused(path)
+
+
+def test_a_dict_that_holds_no_weights_is_refused(tmp_path):
+    path = tmp_path / "results.pt"
+    torch.save({"accuracy": 0.99, "epoch": 4}, path)
+    assert "unrecognised checkpoint" in refused(path)
+
+
+class Payload:
+    """Unpickling this makes a directory: proof that code from the file ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_file_that_needs_arbitrary_unpickling_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": DigitCNN().state_dict(), "extra": Payload(marker)}, path)
+
+    message = refused(path)
+
+    assert "arbitrary unpickling" in message
+    assert "posix.mkdir" in message or "os.mkdir" in message
+    assert not marker.exists()
+    # The file really is hostile: a loader that trusts it runs the payload.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_plain_pickle_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        path = tmp_path / f"evil-{protocol}.pkl"
+        path.write_bytes(pickle.dumps(Payload(marker), protocol=protocol))
+        refused(path)
+        assert not marker.exists()
+
+
+def test_no_model_configured_names_the_setting():
+    with pytest.raises(ModelLoadError, match="PRED_MODEL_PATH: not set"):
+        ModelRegistry().load()
+
+
+# -- devices ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_accelerator(monkeypatch):
+    """As on this project's CI machines: neither CUDA nor MPS, whatever the test machine has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def test_cpu_when_no_accelerator_is_asked_for():
+    device, why = select_device(False, False)
+    assert device == torch.device("cpu")
+    assert "USE_CUDA is not set" in why and "USE_MPS is not set" in why
+
+
+def test_use_cuda_without_cuda_falls_back_to_cpu_and_says_why(no_accelerator):
+    device, why = select_device(True, False)
+    assert device == torch.device("cpu")
+    assert "USE_CUDA is set but CUDA is not available" in why
+
+
+def test_use_mps_without_mps_falls_back_to_cpu_and_says_why(no_accelerator):
+    device, why = select_device(False, True)
+    assert device == torch.device("cpu")
+    assert "USE_MPS is set but MPS is not available" in why
+    device, why = select_device(True, True)
+    assert device == torch.device("cpu")
+    assert "CUDA is not available" in why and "MPS is not available" in why
+
+
+def test_cuda_is_preferred_then_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert select_device(True, True)[0] == torch.device("cuda")
+    assert select_device(False, True)[0] == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device, why = select_device(True, True)
+    assert device == torch.device("mps")
+    assert "CUDA is not available" in why
+
+
+def test_real_cuda_availability_is_honoured():
+    device, _ = select_device(True, False)
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("variable", ["USE_CUDA", "USE_MPS"])
+def test_the_app_falls_back_to_cpu_and_logs_why(monkeypatch, caplog, make_app, no_accelerator, variable):
+    monkeypatch.setenv(variable, "1")
+    app = make_app()
+    assert app.config[variable] is True
+    caplog.set_level(logging.INFO, logger="service.registry")
+
+    version = app.test_client().get("/api/v1/model/version")
+
+    assert version.status_code == 200
+    assert version.json["data"]["device"] == "cpu"
+    device_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving on ")]
+    assert len(device_lines) == 1
+    backend = "CUDA" if variable == "USE_CUDA" else "MPS"
+    assert device_lines[0].startswith("serving on cpu: ")
+    assert f"{variable} is set but {backend} is not available" in device_lines[0]
+    response = app.test_client().post("/api/v1/model/predict", data={"image_file": (io.BytesIO(images.png(0)), "0.png")})
+    assert response.status_code == 200
+
+
+# -- provenance ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "uuid"),
+    [
+        ("models/abc123/model/model.pt", "abc123"),
+        ("/srv/app/models/0f1e2d/model/model.pt", "0f1e2d"),
+        ("/srv/app/models/0f1e2d/model/weights.pth", "0f1e2d"),
+        ("/srv/app/model.pt", None),
+        ("/srv/app/models/0f1e2d/model.pt", None),
+        ("/srv/app/models/0f1e2d/model/nested/model.pt", None),
+        ("/srv/app/mymodels/0f1e2d/model/model.pt", None),
+    ],
+)
+def test_the_model_uuid_is_read_from_the_models_layout(path, uuid):
+    assert model_uuid_from_path(path) == uuid
+
+
+def test_the_model_uuid_defaults_to_the_run_directory(make_app, tiny_checkpoint):
+    version = make_app().test_client().get("/api/v1/model/version").json["data"]
+    assert tiny_checkpoint.parts[-3] == RUN_ID
+    assert version["model_uuid"] == RUN_ID
+
+
+def test_an_explicit_model_uuid_wins(make_app):
+    version = make_app(PRED_MODEL_UUID="chosen-by-operator").test_client().get("/api/v1/model/version").json["data"]
+    assert version["model_uuid"] == "chosen-by-operator"
+
+
+def test_the_model_uuid_is_derived_from_a_relative_path_in_the_environment(monkeypatch, tmp_path, tiny_checkpoint):
+    store = tiny_checkpoint.parents[3]  # .../store, holding models/<run_id>/model/model.pt
+    monkeypatch.chdir(store)
+    settings = from_env({"PRED_MODEL_PATH": f"models/{RUN_ID}/model/model.pt"})
+    served = ModelRegistry()
+    served.configure(settings.as_config())
+    served.get()
+    assert served.info["model_uuid"] == RUN_ID
+    assert served.info["model_path"] == str(tiny_checkpoint)
+    explicit = ModelRegistry()
+    explicit.configure(from_env({"PRED_MODEL_PATH": str(tiny_checkpoint), "PRED_MODEL_UUID": "mine"}).as_config())
+    explicit.get()
+    assert explicit.info["model_uuid"] == "mine"
+
+
+def test_a_model_without_the_layout_has_no_uuid(tmp_path):
+    path = write_template_checkpoint(tmp_path / "anywhere.pt")
+    assert load(path).info["model_uuid"] is None
+
+
+def test_the_registry_records_what_it_serves(tiny_checkpoint):
+    served = load(tiny_checkpoint)
+    info = served.info
+    assert info["model_path"] == str(tiny_checkpoint)
+    assert info["sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert info["architecture"] == "digit_cnn"
+    assert info["labels"] == DIGITS
+    assert info["input_shape"] == [1, 28, 28]
+    assert info["device"] == "cpu"
+    assert datetime.fromisoformat(info["loaded_at"]).utcoffset() is not None
+    assert served.ready and served.problem is None
+
+
+def test_a_registry_is_not_ready_until_warmed_up(tiny_checkpoint):
+    served = ModelRegistry()
+    served.configure({"PRED_MODEL_PATH": str(tiny_checkpoint)})
+    assert not served.ready
+    served.load()
+    assert not served.ready and "warmed it up" in served.problem
+    served.prepare_worker(threads=torch.get_num_threads())
+    assert served.ready
+
+
+def test_new_settings_replace_the_loaded_model(tmp_path, tiny_checkpoint):
+    served = load(tiny_checkpoint)
+    other = write_torchscript(tmp_path / "colour.pt", COLOUR_METADATA)
+    served.configure({"PRED_MODEL_PATH": str(other)})
+    assert not served.ready
+    served.get()
+    assert served.info["labels"] == ["red", "green", "blue"]
+    assert served.info["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
