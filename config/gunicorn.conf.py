@@ -17,7 +17,7 @@ from dotenv import load_dotenv  # noqa: E402
 
 load_dotenv()  # the same .env as wsgi.py, read before the settings below
 
-from config.logging import logging_config  # noqa: E402
+from config.logging import capture_warnings, logging_config  # noqa: E402
 from config.settings import ConfigError, from_env, server_from_env  # noqa: E402
 
 try:
@@ -49,25 +49,59 @@ accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
 logconfig_dict = logging_config(_app_settings.LOG_LEVEL, _app_settings.LOG_FORMAT)
 loglevel = _app_settings.LOG_LEVEL.lower()
+capture_warnings()
+
+
+def _one_line(message):
+    """``message`` as one printable line: what a failed start prints must be one clear line."""
+    text = " ".join(str(message).split())
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def on_starting(server):
     """In the master, once the app is imported: load (or fetch) the model, or stop with one line."""
+    import torch
+
     from service.registry import ModelLoadError, registry
 
+    # A parallel region run here (building the network initialises its weights) would leave
+    # OpenMP's thread team in the master, and a worker forked from it hangs in its first
+    # multi-threaded forward pass. One thread here; each worker sets its own after the fork.
+    torch.set_num_threads(1)
     try:
         registry.load()
     except ModelLoadError as exc:
-        sys.exit(f"error: {exc}")
+        sys.exit(f"error: {_one_line(exc)}")
 
 
 def post_fork(server, worker):
     """In each worker: torch threads, device, warm-up pass, model-info metric."""
     from service.observability import record_model
-    from service.registry import registry
+    from service.registry import ModelLoadError, registry
 
-    registry.prepare_worker(threads=_server.torch_threads)
+    try:
+        registry.prepare_worker(threads=_server.torch_threads)
+    except ModelLoadError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        # gunicorn's "worker failed to boot" code: the master stops rather than fork it again.
+        sys.exit(server.WORKER_BOOT_ERROR)
     record_model(registry.info.get("model_uuid"), registry.info["sha256"], registry.info["device"])
+
+
+def pre_request(worker, req):
+    """Give the request its id before anything is logged about it; the app keeps and returns it."""
+    from service.observability import REQUEST_ID_HEADER, bind_request_id
+
+    incoming = next((value for name, value in req.headers if name == REQUEST_ID_HEADER.upper()), None)
+    bind_request_id(incoming)
+    worker.log.debug("%s %s", req.method, req.path)
+
+
+def post_request(worker, req, environ, resp):
+    """Forget the id once the request is answered and its access line written."""
+    from service.observability import unbind_request_id
+
+    unbind_request_id()
 
 
 def child_exit(server, worker):

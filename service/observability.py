@@ -1,5 +1,6 @@
 """Request ids and Prometheus metrics: what an operator sees of every request."""
 
+import contextvars
 import logging
 import re
 import time
@@ -17,7 +18,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 REQUESTS = Counter("http_requests_total", "HTTP requests served.", ["endpoint", "method", "status"])
 REQUEST_LATENCY = Histogram(
-    "http_request_duration_seconds", "Time to answer an HTTP request.", ["endpoint", "method"],
+    "http_request_duration_seconds", "Time to answer an HTTP request.", ["endpoint", "method", "status"],
     buckets=_LATENCY_BUCKETS,
 )
 INFERENCE_LATENCY = Histogram(
@@ -33,32 +34,56 @@ MODEL_INFO = Gauge(
 )
 
 
+# The id of the request the server is handling in this thread, bound by the server (gunicorn's
+# pre_request hook) before the app sees the request, so that the server's own lines carry it too.
+_bound_request_id = contextvars.ContextVar("request_id", default=None)
+
+
 class RequestIdFilter(logging.Filter):
     """Put the current request's id on every log record (``-`` outside a request)."""
 
     def filter(self, record):
-        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        record.request_id = current_request_id()
         return True
 
 
+def new_request_id(incoming=None):
+    """Return the caller's id when it is short and plain, else a fresh one."""
+    return incoming if incoming and _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+def bind_request_id(incoming=None):
+    """In the server, before the app runs: choose the id of the request starting now and return it."""
+    request_id = new_request_id(incoming)
+    _bound_request_id.set(request_id)
+    return request_id
+
+
+def unbind_request_id():
+    """In the server, once the request is answered and logged."""
+    _bound_request_id.set(None)
+
+
 def current_request_id():
-    """Return the id of the request being served."""
-    return g.get("request_id", "-")
+    """Return the id of the request being served (``-`` outside a request)."""
+    if has_request_context() and "request_id" in g:
+        return g.request_id
+    return _bound_request_id.get() or "-"
 
 
 def _start_request():
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    g.request_id = _bound_request_id.get() or new_request_id(request.headers.get(REQUEST_ID_HEADER))
     g.request_started = time.perf_counter()
 
 
 def _finish_request(response):
     response.headers[REQUEST_ID_HEADER] = current_request_id()
     endpoint = request.url_rule.rule if request.url_rule else "<unmatched>"
+    status = str(response.status_code)
     started = g.get("request_started")
     if started is not None:
-        REQUEST_LATENCY.labels(endpoint, request.method).observe(time.perf_counter() - started)
-    REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+        REQUEST_LATENCY.labels(endpoint, request.method, status).observe(time.perf_counter() - started)
+    REQUESTS.labels(endpoint, request.method, status).inc()
     return response
 
 

@@ -13,6 +13,9 @@ from service.schemas import PredictQuerySchema, PredictResponseSchema, UploadSch
 
 log = logging.getLogger(__name__)
 
+# What the service decodes; the part's own Content-Type is not trusted, the bytes decide.
+IMAGE_TYPES = "image/png, image/jpeg, image/gif, image/bmp, image/webp, image/tiff"
+
 blp = Blueprint("model", __name__, url_prefix="/api/v1/model", description="Classify images with the served model.")
 blp.before_request(security.require_api_key)
 
@@ -29,10 +32,12 @@ def _classifier():
 @blp.arguments(PredictQuerySchema, location="query", as_kwargs=True)
 @blp.arguments(UploadSchema, location="files", as_kwargs=True)
 @blp.response(200, PredictResponseSchema)
+@blp.alt_response(400, response="BAD_REQUEST")
 @blp.alt_response(401, response="UNAUTHORIZED")
 @blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
 @blp.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
 @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+@blp.doc(requestBody={"content": {"multipart/form-data": {"encoding": {"image_file": {"contentType": IMAGE_TYPES}}}}})
 def predict(image_file, top_k=None):
     """Classify one or more images
 

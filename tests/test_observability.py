@@ -1,0 +1,220 @@
+"""What an operator sees, from real gunicorn: Prometheus metrics merged across workers, request
+ids on every answer and every log line, and JSON log lines."""
+
+import hashlib
+import json
+import threading
+import uuid
+
+import pytest
+import requests
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import images
+from tests.conftest import RUN_ID
+from tests.support import SERVICE_VARIABLES, run_gunicorn, wait_for_workers
+
+pytestmark = pytest.mark.slow
+
+# None removes a variable from the server's environment; run_gunicorn sets WEB_CONCURRENCY itself.
+CLEAN = {name: None for name in SERVICE_VARIABLES if name != "WEB_CONCURRENCY"}
+PREDICT = "/api/v1/model/predict"
+LABELS = [str(d) for d in range(10)]
+
+
+def scrape(url):
+    """Every sample of /metrics, as (name, labels, value)."""
+    response = requests.get(f"{url}/metrics", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    ]
+
+
+def total(samples, name, **labels):
+    return sum(
+        value
+        for sample_name, sample_labels, value in samples
+        if sample_name == name and labels.items() <= sample_labels.items()
+    )
+
+
+def predict(url, count=1, **params):
+    files = [("image_file", (f"d{i}.png", images.png(i))) for i in range(count)]
+    return requests.post(url + PREDICT, files=files, params=params, timeout=30)
+
+
+def worker_predictions(metrics_dir, pid):
+    """Predict requests counted by one worker, read from its own multiprocess file."""
+    own_file = metrics_dir / f"counter_{pid}.db"
+    if not own_file.exists():  # it has counted nothing yet
+        return 0
+    families = MultiProcessCollector.merge([str(own_file)])
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "http_requests_total" and sample.labels.get("endpoint") == PREDICT
+    )
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+
+
+def test_metrics_add_up_across_two_workers(tmp_path, tiny_checkpoint):
+    metrics_dir = tmp_path / "metrics"
+    env = {**CLEAN, "PRED_MODEL_PATH": tiny_checkpoint, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    with run_gunicorn(tmp_path, env=env, workers=2) as server:
+        workers = wait_for_workers(server.process, 2)
+        sent, images_sent = 0, 0
+        # Concurrent clients until both workers have served predictions (the kernel picks which).
+        while sent < 400 and not all(worker_predictions(metrics_dir, pid) for pid in workers):
+            batch = [threading.Thread(target=predict, args=(server.url, 1 + i % 3)) for i in range(8)]
+            for thread in batch:
+                thread.start()
+            for thread in batch:
+                thread.join()
+            sent += len(batch)
+            images_sent += sum(1 + i % 3 for i in range(8))
+        assert all(worker_predictions(metrics_dir, pid) for pid in workers)
+        refused = predict(server.url, top_k=0)
+        assert refused.status_code == 422
+
+        samples = scrape(server.url)
+        assert total(samples, "http_requests_total", endpoint=PREDICT, method="POST", status="200") == sent
+        assert total(samples, "http_requests_total", endpoint=PREDICT, status="422") == 1
+        assert sum(worker_predictions(metrics_dir, pid) for pid in workers) == sent + 1
+        assert total(samples, "http_request_duration_seconds_count", endpoint=PREDICT, status="200") == sent
+        assert total(samples, "http_request_duration_seconds_count", endpoint="/health/ready", status="200") >= 1
+        assert total(samples, "model_inference_duration_seconds_count") == sent
+        assert total(samples, "model_batch_size_count") == sent
+        assert total(samples, "model_batch_size_sum") == images_sent
+        by_label = {labels["label"]: value for name, labels, value in samples if name == "model_predictions_total"}
+        assert set(by_label) <= set(LABELS) and sum(by_label.values()) == images_sent
+
+        info = [labels for name, labels, value in samples if name == "model_info" and value == 1]
+        assert {int(labels["pid"]) for labels in info} == workers
+        sha256 = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+        assert all((i["model_uuid"], i["sha256"], i["device"]) == (RUN_ID, sha256, "cpu") for i in info)
+
+        unmatched = requests.get(f"{server.url}/no/such/{uuid.uuid4().hex}", timeout=30)
+        assert unmatched.status_code == 404
+        # Unknown paths share one label value: a scanner cannot blow up the series count.
+        assert total(scrape(server.url), "http_requests_total", endpoint="<unmatched>", status="404") == 1
+
+
+def test_a_restart_does_not_carry_old_counts(tmp_path, tiny_checkpoint):
+    metrics_dir = tmp_path / "metrics"
+    env = {**CLEAN, "PRED_MODEL_PATH": tiny_checkpoint, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    with run_gunicorn(tmp_path, env=env) as first:
+        for _ in range(5):
+            assert predict(first.url).status_code == 200
+        assert total(scrape(first.url), "http_requests_total", endpoint=PREDICT) == 5
+    assert any(metrics_dir.glob("counter_*.db"))  # the first run's counts are still on disk
+    with run_gunicorn(tmp_path, env=env) as second:
+        assert total(scrape(second.url), "http_requests_total", endpoint=PREDICT) == 0
+        assert predict(second.url).status_code == 200
+        assert total(scrape(second.url), "http_requests_total", endpoint=PREDICT) == 1
+
+
+# -- request ids and log lines ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def json_logged(tmp_path_factory, tiny_checkpoint):
+    """One worker (so its log lines come in request order), JSON lines at DEBUG, an API key."""
+    root = tmp_path_factory.mktemp("json-logs")
+    private_tmp = root / "tmp"
+    private_tmp.mkdir()
+    env = {
+        **CLEAN,
+        "PRED_MODEL_PATH": tiny_checkpoint,
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "DEBUG",
+        "API_KEY": "observability-key",
+        "MAX_CONTENT_LENGTH": "20000",
+        "TMPDIR": private_tmp,  # where the run's own metrics directory goes, and must be gone from
+    }
+    with run_gunicorn(root, env=env, workers=1) as server:
+        wait_for_workers(server.process, 1)
+        yield server, private_tmp
+
+
+AUTH = {"Authorization": "Bearer observability-key"}
+# Each: (what, method, path, request keyword arguments, expected status).
+REQUESTS = [
+    ("prediction", "POST", PREDICT, {"headers": AUTH, "files": {"image_file": ("d.png", images.png())}}, 200),
+    ("rejected image", "POST", PREDICT, {"headers": AUTH, "files": {"image_file": ("t.png", b"text")}}, 422),
+    ("no API key", "POST", PREDICT, {"files": {"image_file": ("d.png", images.png())}}, 401),
+    ("body too large", "POST", PREDICT, {"headers": AUTH, "files": {"image_file": ("b.png", b"x" * 30000)}}, 413),
+    ("unknown path", "GET", "/nowhere", {}, 404),
+    ("wrong method", "DELETE", "/health/live", {}, 405),
+    ("probe", "GET", "/health/ready", {}, 200),
+    ("spec", "GET", "/openapi.json", {}, 200),
+]
+
+
+@pytest.mark.parametrize("what, method, path, kwargs, status", REQUESTS, ids=[r[0] for r in REQUESTS])
+def test_a_request_id_is_kept_or_made_and_always_returned(json_logged, what, method, path, kwargs, status):
+    server, _ = json_logged
+    kwargs = {**kwargs, "headers": dict(kwargs.get("headers", {}))}
+    given = f"client-{uuid.uuid4().hex[:8]}:{what.replace(' ', '-')}"
+    response = requests.request(method, server.url + path, timeout=30, **kwargs)
+    assert response.status_code == status
+    made = response.headers["X-Request-ID"]
+    assert len(made) == 32 and int(made, 16) >= 0  # none given: a fresh uuid4 hex
+    for unsafe in ["has spaces", "x" * 129, '{"json": "injection"}', "<script>"]:
+        kwargs["headers"]["X-Request-ID"] = unsafe
+        response = requests.request(method, server.url + path, timeout=30, **kwargs)
+        assert len(response.headers["X-Request-ID"]) == 32 and response.headers["X-Request-ID"] != made
+    kwargs["headers"]["X-Request-ID"] = given
+    response = requests.request(method, server.url + path, timeout=30, **kwargs)
+    assert response.status_code == status
+    assert response.headers["X-Request-ID"] == given
+
+
+def test_every_log_line_of_a_request_carries_its_id(json_logged):
+    server, _ = json_logged
+    sent = []
+    for what, method, path, kwargs, status in REQUESTS * 2:
+        headers = dict(kwargs.get("headers", {}))
+        if len(sent) % 2 == 0:  # half with the caller's id, half with one the service makes
+            headers["X-Request-ID"] = f"seq-{len(sent)}"
+        response = requests.request(method, server.url + path, timeout=30, **{**kwargs, "headers": headers})
+        assert response.status_code == status
+        sent.append(response.headers["X-Request-ID"])
+
+    records = [json.loads(line) for line in server.log().splitlines()]
+    first = next(i for i, r in enumerate(records) if r.get("request_id") == sent[0])
+    last = max(i for i, r in enumerate(records) if r.get("request_id") == sent[-1])
+    window = records[first : last + 1]
+    # One worker, one request at a time: the lines come in runs, one run per request, each line
+    # with the id of its request, and no line in between without one.
+    runs = [r["request_id"] for i, r in enumerate(window) if i == 0 or r["request_id"] != window[i - 1]["request_id"]]
+    assert runs == sent, [(r.get("name"), r.get("request_id"), r.get("message", "")[:60]) for r in window]
+    for request_id in sent:
+        lines = [r for r in window if r["request_id"] == request_id]
+        assert [r["name"] for r in lines][0] == "gunicorn.error"  # the server's "request started" line
+        assert [r["name"] for r in lines][-1] == "gunicorn.access"
+        assert len(lines) >= 2
+
+
+def test_json_logs_are_one_object_per_line(json_logged):
+    server, private_tmp = json_logged
+    upload = {"image_file": ("d.png", images.png())}
+    assert requests.post(server.url + PREDICT, headers=AUTH, files=upload, timeout=30).ok
+    server.process.terminate()  # stop it, so the shutdown lines are in the log too
+    assert server.process.wait(timeout=60) == 0
+    lines = server.log().splitlines()
+    assert len(lines) > 20
+    for line in lines:
+        record = json.loads(line)  # every line, from start-up to shutdown
+        assert isinstance(record, dict) and "message" in record and "asctime" in record and "request_id" in record
+    names = {json.loads(line)["name"] for line in lines}
+    assert {"gunicorn.error", "gunicorn.access", "service.registry"} <= names
+    # The run's own metrics directory (made in TMPDIR, as none was configured) is gone with it.
+    assert list(private_tmp.iterdir()) == []
