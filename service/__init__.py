@@ -1,21 +1,17 @@
 """The prediction service: a Flask app factory wiring config, logging, API and CLI."""
 
-import io
 import logging
 
-from flask import Blueprint, Flask, Request
+from flask import Blueprint, Flask
 from flask_cors import CORS
-from flask_smorest import Api, abort
 from swagger_ui_bundle import swagger_ui_path
-from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.utils import cached_property
-from werkzeug.wsgi import LimitedStream
 
 from config import settings
 from config.logging import configure_logging
 from service import cli, observability
 from service.api import health, metrics
 from service.api.v1 import model as model_v1
+from service.http import ServiceApi, UploadRequest
 from service.registry import registry
 from service.security import BEARER_SCHEME
 
@@ -27,60 +23,6 @@ Classifies images with a PyTorch model tracked in MLflow.
 Post images as multipart field `image_file` to `/api/v1/model/predict`; every error is JSON
 with `code`, `status` and `message`.
 """
-
-
-class _BodyLimit(LimitedStream):
-    """MAX_CONTENT_LENGTH on a body the server delimits (chunked or not), exactly.
-
-    werkzeug's own guard refuses as soon as a read is tried at the limit, so a body of exactly
-    MAX_CONTENT_LENGTH bytes got a 413; this one refuses only when the body goes on past it.
-    """
-
-    def __init__(self, source, limit):
-        super().__init__(source, limit, is_max=True)
-        self._source = source
-
-    def on_exhausted(self):
-        if self._source.read(1):
-            super().on_exhausted()
-
-
-class UploadRequest(Request):
-    """A request whose uploads stay in memory (bounded by MAX_CONTENT_LENGTH), never on disk."""
-
-    @cached_property
-    def stream(self):
-        limit = self.max_content_length
-        if limit is None or "wsgi.input_terminated" not in self.environ:
-            return super().stream
-        if self.content_length is not None and self.content_length > limit:
-            raise RequestEntityTooLarge()
-        return _BodyLimit(self.environ["wsgi.input"], limit)
-
-    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        return io.BytesIO()
-
-    def make_form_data_parser(self):
-        parser = super().make_form_data_parser()
-        parser.silent = False  # a body that cannot be parsed is an error to report, not "no files"
-        return parser
-
-    def _load_form_data(self):
-        try:
-            super()._load_form_data()
-        except UnicodeDecodeError:
-            abort(400, message=f"malformed {self.mimetype} body: its text, filenames included, must be UTF-8")
-        except ValueError as exc:
-            abort(400, message=f"malformed {self.mimetype} body: {exc}")
-
-
-class ServiceApi(Api):
-    """flask-smorest's Api, keeping the headers an HTTP error defines (``Allow`` on a 405)."""
-
-    def handle_http_exception(self, error):
-        payload, code, headers = super().handle_http_exception(error)
-        defined = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
-        return payload, code, {**defined, **(headers or {})}
 
 
 def _openapi_config(config):
