@@ -1,0 +1,232 @@
+"""deploy/nginx.conf in front of real gunicorn: real nginx on a free loopback port.
+
+nginx runs as the current user with everything it writes (pid, temporary files, logs) in the
+test's folder; the site file is the deployed one with its two placeholders filled in.
+"""
+
+import getpass
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import requests
+from werkzeug.exceptions import default_exceptions
+
+from config import settings
+from tests.images import png
+from tests.support import ROOT, free_port, run_gunicorn, stop
+
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+PREDICT = "/api/v1/model/predict"
+GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")  # nginx's $request_id
+
+pytestmark = pytest.mark.slow
+
+
+def nginx_binary():
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    assert found, "nginx is not installed (Debian package nginx; .ci/run installs it)"
+    return found
+
+
+def render_site(upstream, port):
+    """The deployed site file with its placeholders filled in, as the nginx image's envsubst does."""
+    text = NGINX_CONF.read_text().replace("${API_UPSTREAM}", upstream).replace("${NGINX_PORT}", f"127.0.0.1:{port}")
+    assert "${" not in text, "a placeholder the test does not know"
+    return text
+
+
+def main_conf(folder, site):
+    """A main nginx.conf keeping pid, temporary files and logs in ``folder``."""
+    temp = {name: folder / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    for path in temp.values():
+        path.mkdir()
+    # As root, nginx would switch its workers to an unprivileged user that cannot read the folder.
+    user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""
+    return f"""
+{user}
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log info;
+events {{ worker_connections 128; }}
+http {{
+    client_body_temp_path {temp["body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+    include {site};
+}}
+"""
+
+
+@contextmanager
+def run_nginx(folder, upstream):
+    """Start nginx with deploy/nginx.conf on a free loopback port; always stop it."""
+    folder.mkdir()
+    port = free_port()
+    site = folder / "prediction.conf"
+    site.write_text(render_site(upstream, port))
+    conf = folder / "nginx.conf"
+    conf.write_text(main_conf(folder, site))
+    command = [nginx_binary(), "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(conf)]
+    checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    log_path = folder / "access.log"  # the site logs to stdout, as in a container
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [*command, "-g", "daemon off;"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.poll() is None, (folder / "error.log").read_text()
+            try:
+                requests.get(url + "/health/live", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "nginx did not start listening"
+                time.sleep(0.1)
+        yield url, log_path
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_checkpoint):
+    """Real gunicorn (as deployed) behind real nginx (deploy/nginx.conf)."""
+    folder = tmp_path_factory.mktemp("nginx")
+    with run_gunicorn(folder, env={"PRED_MODEL_PATH": tiny_checkpoint}) as gunicorn:
+        with run_nginx(folder / "nginx", gunicorn.url.removeprefix("http://")) as (url, access_log):
+            yield url, gunicorn, access_log
+
+
+def wait_for_line(read, needle, timeout=10.0):
+    """Return the log text once it contains ``needle`` (processes flush on their own schedule)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = read()
+        if needle in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
+
+
+def assert_json_error(response, code):
+    assert response.status_code == code, response.text
+    assert response.headers["Content-Type"].startswith("application/json"), response.text
+    body = response.json()
+    # The shape of the service's own errors (flask-smorest): code, HTTP status name, message.
+    assert body["code"] == code
+    assert body["status"] == default_exceptions[code]().name
+    assert body["message"]
+    assert GENERATED_ID.match(response.headers["X-Request-ID"])
+
+
+def test_predicts_through_nginx(stack):
+    url, _, _ = stack
+    response = requests.post(url + PREDICT, files={"image_file": ("digit.png", png(0), "image/png")}, timeout=30)
+    assert response.status_code == 200, response.text
+    (item,) = response.json()["data"]
+    assert item["image_filename"] == "digit.png"
+    assert item["prediction"] in [str(d) for d in range(10)]
+    assert "," not in response.headers["X-Request-ID"], "one request id, not nginx's and gunicorn's"
+
+
+def test_a_sent_request_id_reaches_gunicorn_and_comes_back(stack):
+    url, gunicorn, access_log = stack
+    sent = "client-7f3a.42"
+    response = requests.post(
+        url + PREDICT, files={"image_file": ("d.png", png(1))}, headers={"X-Request-ID": sent}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Request-ID"] == sent
+    assert f"request_id={sent}" in wait_for_line(gunicorn.log, f"request_id={sent}")
+    assert f"request_id={sent}" in wait_for_line(access_log.read_text, f"request_id={sent}")
+
+
+def test_a_missing_request_id_is_generated_and_is_the_one_gunicorn_logged(stack):
+    url, gunicorn, access_log = stack
+    response = requests.post(url + PREDICT, files={"image_file": ("d.png", png(2))}, timeout=30)
+    assert response.status_code == 200, response.text
+    generated = response.headers["X-Request-ID"]
+    assert GENERATED_ID.match(generated)
+    assert f"request_id={generated}" in wait_for_line(gunicorn.log, f"request_id={generated}")
+    assert f"request_id={generated}" in wait_for_line(access_log.read_text, f"request_id={generated}")
+
+
+def test_an_unsafe_request_id_is_replaced_before_it_reaches_gunicorn(stack):
+    url, gunicorn, _ = stack
+    unsafe = "x" * 200  # longer than the service keeps
+    response = requests.get(url + "/health/live", headers={"X-Request-ID": unsafe}, timeout=30)
+    assert response.status_code == 200
+    replaced = response.headers["X-Request-ID"]
+    assert GENERATED_ID.match(replaced)
+    assert f"request_id={replaced}" in wait_for_line(gunicorn.log, f"request_id={replaced}")
+
+
+def test_body_limit_equals_the_service_limit_and_over_it_nginx_answers_json_413(stack):
+    url, gunicorn, _ = stack
+    limit = settings.Settings.MAX_CONTENT_LENGTH
+    boundary = "limitboundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="image_file"; filename="big.png"\r\n\r\n'.encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+    def body(size):
+        return head + b"\0" * (size - len(head) - len(tail)) + tail
+
+    # At the limit nginx passes the body on; the service reads it and refuses the junk image.
+    at_limit = requests.post(url + PREDICT, data=body(limit), headers=headers, timeout=60)
+    assert at_limit.status_code == 422, at_limit.text
+    assert "big.png" in at_limit.json()["message"]
+
+    over = requests.post(url + PREDICT, data=body(limit + 1), headers=headers, timeout=60)
+    assert_json_error(over, 413)
+    assert str(limit) in over.json()["message"], "the limit, in the words the service uses"
+    request_id = over.headers["X-Request-ID"]
+    time.sleep(0.5)
+    assert request_id not in gunicorn.log(), "nginx refused it: gunicorn never saw it"
+
+
+def test_gunicorn_down_gives_json_502(tmp_path, tiny_checkpoint):
+    with run_gunicorn(tmp_path, env={"PRED_MODEL_PATH": tiny_checkpoint}, workers=1) as gunicorn:
+        with run_nginx(tmp_path / "nginx", gunicorn.url.removeprefix("http://")) as (url, _):
+            assert requests.get(url + "/health/ready", timeout=30).status_code == 200
+            stop(gunicorn.process)
+            down = requests.post(url + PREDICT, files={"image_file": ("d.png", io.BytesIO(png(0)))}, timeout=30)
+            assert_json_error(down, 502)
+
+
+def test_nginx_own_errors_are_json_in_the_service_shape():
+    """Each error_page of the conf points at a JSON answer with the right code (504 included)."""
+    text = NGINX_CONF.read_text()
+    handled = dict(re.findall(r"error_page\s+(\d{3})\s+(@\w+);", text))
+    assert {"413", "502", "504"} <= set(handled)
+    for code, location in handled.items():
+        block = re.search(rf"location {location} \{{(.*?)\n    \}}", text, re.S).group(1)
+        assert "default_type application/json;" in block
+        status, payload = re.search(r"return (\d{3}) '(.*?)';", block, re.S).groups()
+        body = json.loads(payload.replace("\\n", "\n"))
+        assert status == code and body["code"] == int(code)
+        assert body["status"] == default_exceptions[int(code)]().name and body["message"]
+
+
+def test_proxy_timeouts_outlast_gunicorn_and_the_upstream_keeps_connections():
+    text = NGINX_CONF.read_text()
+    gunicorn_timeout = settings.server_from_env({}).timeout
+    for directive in ("proxy_read_timeout", "proxy_send_timeout"):
+        (value,) = re.findall(rf"{directive}\s+(\d+)s;", text)
+        assert int(value) > gunicorn_timeout, f"{directive} must outlast gunicorn's {gunicorn_timeout} s"
+    upstream = re.search(r"upstream \w+ \{(.*?)\n\}", text, re.S).group(1)
+    assert re.search(r"keepalive\s+\d+;", upstream)
+    assert 'proxy_set_header Connection "";' in text and "proxy_http_version 1.1;" in text
+    (size,) = re.findall(r"client_max_body_size\s+(\S+);", text)
+    assert settings.parse_size(size) == settings.Settings.MAX_CONTENT_LENGTH
