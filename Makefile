@@ -15,11 +15,31 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --progress-bar on -r requirements-dev.txt
 	@touch $@
 
-serve: install  ## serve the configured model with gunicorn on :8080
-	$(BIN)/gunicorn -c config/gunicorn.conf.py wsgi:app
+serve: install  ## serve the configured model with gunicorn on :8080 (none configured: the MLflow demo model)
+	$(BIN)/flask --app wsgi model serve
+
+.PHONY: mlflow download train
+# The model commands talk to the local tracking server unless MLFLOW_TRACKING_URI names another.
+download train: export MLFLOW_TRACKING_URI ?= http://127.0.0.1:5000
+TRAIN_ARGS ?=
+
+mlflow: install  ## the local MLflow tracking server alone (store in var/mlflow/), UI on http://127.0.0.1:5000
+	$(BIN)/flask --app wsgi model tracking-server
+
+download: install  ## fetch an MLflow run's model into models/RUN_ID/: make download RUN_ID=...
+	@test -n "$(RUN_ID)" || { echo "usage: make download RUN_ID=<MLflow run id>" >&2; exit 2; }
+	$(BIN)/flask --app wsgi model download '$(RUN_ID)'
+
+train: install  ## train the digit CNN and log it to MLflow: make train TRAIN_ARGS="--epochs 8"
+	$(BIN)/flask --app wsgi model train $(TRAIN_ARGS)
 
 test: install  ## run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+.PHONY: bench
+BENCH_ARGS ?=
+bench: install  ## throughput and latency as deployed (gunicorn + wrk); writes BENCHMARKS.md
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:  ## remove caches (keeps .venv and models/)
 	rm -rf .pytest_cache

@@ -1,0 +1,148 @@
+"""Where a request's CPU time goes, in one process with one torch thread (no sockets, no gunicorn).
+
+    .venv/bin/python -m bench.profile
+
+Times the work of the no-HTTP limit (decode + preprocess + forward), the same request through the
+Flask app as a WSGI call, and the cheapest request the app answers; then profiles the WSGI call
+with pyinstrument and sums its time by package. Together with the CPU per request that
+``make bench`` measures under gunicorn, this splits a request into inference, the Flask stack
+and the HTTP server.
+"""
+
+import argparse
+import io
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import torch
+
+from bench.run import digit_png, write_checkpoint
+
+BOUNDARY = "bench-profile-boundary"
+
+
+def multipart(png, images):
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image_file"; filename="digit-{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode() + png + b"\r\n"
+        for i in range(images)
+    ]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def wsgi_caller(app, method, path, body=b"", content_type=None):
+    """A function that sends one request through ``app`` as a WSGI server would, and checks the status."""
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path=path, method=method, data=body, content_type=content_type).get_environ()
+
+    def call():
+        env = {**environ, "wsgi.input": io.BytesIO(body), "wsgi.input_terminated": True}
+        statuses = []
+        b"".join(app(env, lambda status, headers, exc_info=None: statuses.append(status)))
+        assert statuses[0].startswith("200"), statuses
+
+    return call
+
+
+def cpu_ms(function, calls):
+    """CPU milliseconds per call: the best of five rounds, after a warm-up."""
+    for _ in range(max(20, calls // 10)):
+        function()
+    rounds = []
+    for _ in range(5):
+        started = time.process_time()
+        for _ in range(calls):
+            function()
+        rounds.append((time.process_time() - started) / calls * 1000)
+    return min(rounds)
+
+
+def package_of(frame):
+    path = frame.file_path or ""
+    if not path or path.startswith("<"):
+        return None  # a built-in, or pyinstrument's "[self]" entry: counted with its caller
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1].split("/", 1)[0]
+    if "/service/" in path or "/config/" in path:
+        return "service (this project)"
+    if "/bench/" in path:
+        return "the profiling loop"
+    return "python stdlib"
+
+
+def time_by_package(session):
+    """Seconds of the profile spent in each package's own code (built-ins go to their caller)."""
+    totals = defaultdict(float)
+
+    def walk(frame, inherited):
+        package = package_of(frame) or inherited
+        totals[package] += frame.total_self_time
+        for child in frame.children:
+            walk(child, package)
+
+    walk(session.root_frame(), "python stdlib")
+    return totals
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    from service import create_app
+    from service.inference import decode_image
+    from service.registry import registry
+
+    with TemporaryDirectory(prefix="prediction-profile-") as folder:
+        model_path = write_checkpoint(Path(folder) / "models" / "profile" / "model" / "model.pt")
+        app = create_app({"PRED_MODEL_PATH": str(model_path)})
+        logging.getLogger().setLevel(logging.WARNING)
+        classifier = registry.prepare_worker(threads=1)
+        png = digit_png()
+        max_pixels = app.config["MAX_IMAGE_PIXELS"]
+
+        rows = []
+        for images in (1, 16):
+            calls = args.calls // images
+            limit = cpu_ms(lambda: classifier.predict([decode_image(png, "d.png", max_pixels)] * images), calls)
+            forward_batch = torch.zeros((images, *classifier.input_spec.shape))
+            forward = cpu_ms(lambda: classifier.forward(forward_batch), calls)
+            request = wsgi_caller(app, "POST", "/api/v1/model/predict", multipart(png, images),
+                                  f"multipart/form-data; boundary={BOUNDARY}")
+            rows.append((images, forward, limit, cpu_ms(request, calls)))
+        live = cpu_ms(wsgi_caller(app, "GET", "/health/live"), args.calls)
+
+        print("CPU time per request, one process, one torch thread (ms):\n")
+        print("| Images | forward pass | decode + preprocess + forward (the limit) | through the Flask app (WSGI) "
+              "| Flask stack's share |")
+        print("|---|---|---|---|---|")
+        for images, forward, limit, request in rows:
+            print(f"| {images} | {forward:.2f} | {limit:.2f} | {request:.2f} | {request - limit:.2f} |")
+        print(f"\nGET /health/live through the Flask app: {live:.2f} ms")
+
+        from pyinstrument import Profiler
+
+        request = wsgi_caller(app, "POST", "/api/v1/model/predict", multipart(png, 1),
+                              f"multipart/form-data; boundary={BOUNDARY}")
+        profiler = Profiler(interval=0.0001)
+        profiler.start()
+        for _ in range(args.calls):
+            request()
+        profiler.stop()
+        totals = time_by_package(profiler.last_session)
+        everything = sum(totals.values())
+        print("\nA one-image request through the Flask app, by package (pyinstrument, own time):\n")
+        print("| Package | Share |")
+        print("|---|---|")
+        for package, seconds in sorted(totals.items(), key=lambda item: -item[1]):
+            if seconds / everything >= 0.005:
+                print(f"| {package} | {seconds / everything:.1%} |")
+
+
+if __name__ == "__main__":
+    main()

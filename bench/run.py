@@ -1,0 +1,500 @@
+"""``make bench``: the service as deployed under wrk load, against its limit without HTTP.
+
+Starts gunicorn exactly as deployed (config/gunicorn.conf.py, 2 workers) on a free loopback
+port and drives it from a second process with wrk and bench/predict.lua: one-image requests at
+concurrency 1, 8 and 32, then 16-image requests. In the same run it measures the limit with no
+HTTP at all: decode + preprocess + forward with the service's own functions, in as many
+processes as workers, one torch thread each. Prints one table and writes it, with a plot, into
+BENCHMARKS.md (between the markers; the rest of that file is left as it is).
+"""
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from config.settings import Settings  # noqa: E402
+from service.architectures import DigitCNN  # noqa: E402
+
+BIN = Path(sys.executable).parent
+GUNICORN_CMD = [str(BIN / "gunicorn"), "-c", "config/gunicorn.conf.py", "wsgi:app"]
+LUA_SCRIPT = ROOT / "bench" / "predict.lua"
+PREDICT = "/api/v1/model/predict"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+MB = 1024 * 1024
+
+# Targets on the 2-core reference machine (see BENCHMARKS.md).
+TARGET_RATIO_AT_8 = 0.6
+TARGET_BATCH_GAIN = 1.5
+TARGET_P50_AT_1_MS = 2.0
+TARGET_WORKERS_PSS_MB = 600
+
+
+@dataclass
+class Run:
+    """One wrk run (or one no-HTTP limit measurement) and what was measured around it."""
+
+    label: str
+    images: int
+    concurrency: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int | None = None
+    socket_errors: int | None = None
+    rss_mb: list[float] = field(default_factory=list)
+    pss_mb: list[float] = field(default_factory=list)
+    master_mb: tuple[float, float] | None = None
+    cpu_ms: float | None = None  # CPU time per request (per call without HTTP), all our processes
+    client_cpu_ms: float | None = None  # of which wrk's
+    busy_elsewhere: float | None = None
+    ratio: float | None = None
+
+    @property
+    def images_per_s(self):
+        return self.requests_per_s * self.images
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def write_checkpoint(path):
+    """A checkpoint in the template's format: the served network, random weights (same compute)."""
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 1, "model_state_dict": DigitCNN().state_dict()}, path)
+    return path
+
+
+def digit_png():
+    """A real handwritten digit (scikit-learn's bundled set) as the 28x28 PNG a client sends."""
+    from sklearn.datasets import load_digits
+
+    pixels = (load_digits().images[0] * (255.0 / 16.0)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").resize((28, 28), Image.Resampling.BILINEAR).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- the limit without HTTP -------------------------------------------------------------------
+
+
+def _limit_process(model_path, png, images, seconds, barrier, results):
+    """In a fresh process: what one single-threaded worker does per request, minus HTTP."""
+    torch.set_num_threads(1)
+    from service.inference import decode_image
+    from service.registry import read_model
+
+    classifier, _ = read_model(Path(model_path).read_bytes())
+    max_pixels = Settings.MAX_IMAGE_PIXELS
+
+    def once():
+        return classifier.predict([decode_image(png, "digit.png", max_pixels) for _ in range(images)])
+
+    warm_until = time.perf_counter() + 1.0
+    while time.perf_counter() < warm_until:
+        once()
+    barrier.wait()
+    latencies = []
+    started, cpu_started = time.perf_counter(), time.process_time()
+    while (now := time.perf_counter()) - started < seconds:
+        once()
+        latencies.append(time.perf_counter() - now)
+    results.put((len(latencies), time.perf_counter() - started, time.process_time() - cpu_started, latencies))
+
+
+def measure_limit(model_path, png, images, processes, seconds):
+    """Calls per second of decode + preprocess + forward in ``processes`` parallel processes."""
+    context = multiprocessing.get_context("spawn")  # no torch state inherited from this process
+    barrier, results = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(target=_limit_process, args=(str(model_path), png, images, seconds, barrier, results))
+        for _ in range(processes)
+    ]
+    busy, ours, wall = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
+    for worker in workers:
+        worker.start()
+    try:
+        outcomes = [results.get(timeout=seconds + 120) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+    elsewhere = (busy_cpu_seconds() - busy) - (own_cpu_seconds() - ours)
+    calls_per_s = sum(count / elapsed for count, elapsed, _, _ in outcomes)
+    latencies = sorted(t for _, _, _, times in outcomes for t in times)
+    cpu_per_call = sum(cpu for _, _, cpu, _ in outcomes) / sum(count for count, _, _, _ in outcomes)
+    return Run(
+        label=f"no HTTP (limit), {images} image{'s' if images > 1 else ''} per call",
+        images=images,
+        concurrency=processes,
+        requests_per_s=calls_per_s,
+        p50_ms=percentile(latencies, 50) * 1000,
+        p99_ms=percentile(latencies, 99) * 1000,
+        busy_elsewhere=max(0.0, elsewhere / (time.monotonic() - wall)),
+        cpu_ms=cpu_per_call * 1000,
+    )
+
+
+def percentile(values, q):
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+# --- the service under wrk --------------------------------------------------------------------
+
+
+class Gunicorn:
+    """gunicorn as deployed, on a free loopback port; a context manager that always stops it."""
+
+    def __init__(self, model_path, workers, log_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "PRED_MODEL_PATH": str(model_path),
+            "WEB_CONCURRENCY": str(workers),
+            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.port}",
+        }
+        for name in ("PRED_MODEL_URI", "TORCH_NUM_THREADS", "API_KEY", "PROMETHEUS_MULTIPROC_DIR"):
+            self.env.pop(name, None)
+        self.workers = workers
+
+    def __enter__(self):
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                GUNICORN_CMD, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            if self.process.poll() is not None:
+                raise SystemExit(f"gunicorn exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                ready = requests.get(self.url + "/health/ready", timeout=2).status_code == 200
+            except requests.RequestException:
+                ready = False
+            if ready and len(self.worker_pids()) == self.workers:
+                # Every worker answers readiness only once it has warmed up: ask until all have.
+                if all(requests.get(self.url + "/health/ready", timeout=2).status_code == 200 for _ in range(8)):
+                    return self
+            if time.monotonic() > deadline:
+                raise SystemExit(f"gunicorn not ready after 120 s:\n{self.log_path.read_text()}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def worker_pids(self):
+        try:
+            return [child.pid for child in psutil.Process(self.process.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu_seconds(self):
+        total = 0.0
+        for pid in [self.process.pid, *self.worker_pids()]:
+            try:
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+
+def memory_mb(pid):
+    """(RSS, PSS) of a process in MB, from /proc/<pid>/smaps_rollup (psutil where it is missing)."""
+    try:
+        values = {}
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    values[key] = int(rest.split()[0]) * 1024
+        return values["Rss"] / MB, values["Pss"] / MB
+    except (OSError, KeyError):
+        info = psutil.Process(pid).memory_full_info()
+        return info.rss / MB, info.pss / MB
+
+
+def busy_cpu_seconds():
+    """CPU seconds the whole machine has spent busy since boot."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+
+def own_cpu_seconds():
+    """CPU seconds of this process and its waited-for children (wrk)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_wrk(url, connections, png_path, images, seconds, threads=None):
+    """Run wrk with bench/predict.lua against ``url``; return the numbers its done() prints."""
+    command = [
+        shutil.which("wrk") or "wrk",
+        f"-t{threads or min(connections, 2)}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout", "30s",
+        "-s", str(LUA_SCRIPT),
+        url,
+        "--", str(png_path), str(images),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    for line in result.stdout.splitlines():
+        if line.startswith("bench-result "):
+            return json.loads(line.removeprefix("bench-result "))
+    raise RuntimeError(f"wrk gave no result (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+def measure_http(server, connections, png_path, images, seconds):
+    """One wrk run against the running service, with memory and outside load measured around it."""
+    busy, client, workers, wall = busy_cpu_seconds(), own_cpu_seconds(), server.cpu_seconds(), time.monotonic()
+    stats = run_wrk(server.url + PREDICT, connections, png_path, images, seconds)
+    client, workers = own_cpu_seconds() - client, server.cpu_seconds() - workers
+    elsewhere = (busy_cpu_seconds() - busy) - client - workers
+    memory = [memory_mb(pid) for pid in server.worker_pids()]
+    master = memory_mb(server.process.pid)
+    requests_per_s = stats["requests"] / (stats["duration_us"] / 1e6)
+    return Run(
+        label=f"HTTP, {images} image{'s' if images > 1 else ''} per request",
+        images=images,
+        concurrency=connections,
+        requests_per_s=requests_per_s,
+        p50_ms=stats["p50_us"] / 1000,
+        p99_ms=stats["p99_us"] / 1000,
+        non_2xx=stats["non_2xx"],
+        socket_errors=stats["connect_errors"] + stats["read_errors"] + stats["write_errors"] + stats["timeouts"],
+        rss_mb=[rss for rss, _ in memory],
+        pss_mb=[pss for _, pss in memory],
+        master_mb=master,
+        busy_elsewhere=max(0.0, elsewhere / (time.monotonic() - wall)),
+        cpu_ms=(workers + client) / max(1, stats["requests"]) * 1000,
+        client_cpu_ms=client / max(1, stats["requests"]) * 1000,
+    )
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def fmt(value, digits=1):
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def table(runs):
+    head = (
+        "| Load | Concurrency | Requests/s | Images/s | p50 ms | p99 ms | Non-2xx | Socket errors "
+        "| RSS/worker MB | PSS/worker MB | Ratio to limit | CPU ms/request (wrk's) | Busy elsewhere (cores) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for run in runs:
+        lines.append(
+            f"| {run.label} | {run.concurrency} | {fmt(run.requests_per_s)} | {fmt(run.images_per_s)} "
+            f"| {fmt(run.p50_ms, 2)} | {fmt(run.p99_ms, 2)} | {fmt(run.non_2xx, 0)} | {fmt(run.socket_errors, 0)} "
+            f"| {fmt(statistics.mean(run.rss_mb)) if run.rss_mb else '–'} "
+            f"| {fmt(statistics.mean(run.pss_mb)) if run.pss_mb else '–'} "
+            f"| {fmt(run.ratio, 2)} "
+            f"| {fmt(run.cpu_ms, 2)}{f' ({run.client_cpu_ms:.2f})' if run.client_cpu_ms is not None else ''} "
+            f"| {fmt(run.busy_elsewhere, 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(http, limits):
+    """Each target with its measured value and whether it is met."""
+    one = {run.concurrency: run for run in http if run.images == 1}
+    batch = {run.concurrency: run for run in http if run.images > 1}
+    if not (1 in one and 8 in one and 8 in batch):
+        return "(the targets are defined at concurrency 1 and 8: run with both)", False
+    at8, batch8 = one[8], batch[8]
+    peak = max(http, key=lambda run: sum(run.pss_mb))
+    peak_pss = sum(peak.pss_mb)
+    rows = [
+        (
+            f"1-image requests at concurrency 8 ≥ {TARGET_RATIO_AT_8} × the no-HTTP limit, no errors",
+            f"{at8.ratio:.2f} × ({at8.images_per_s:,.0f} of {limits[1].images_per_s:,.0f} images/s), "
+            f"{at8.non_2xx} non-2xx, {at8.socket_errors} socket errors",
+            at8.ratio >= TARGET_RATIO_AT_8 and at8.non_2xx == 0 and at8.socket_errors == 0,
+        ),
+        (
+            f"{batch8.images}-image requests ≥ {TARGET_BATCH_GAIN} × the 1-image images/s (concurrency 8)",
+            f"{batch8.images_per_s / at8.images_per_s:.2f} × ({batch8.images_per_s:,.0f} vs {at8.images_per_s:,.0f})",
+            batch8.images_per_s >= TARGET_BATCH_GAIN * at8.images_per_s,
+        ),
+        (
+            f"p50 at concurrency 1 ≤ {TARGET_P50_AT_1_MS} ms",
+            f"{one[1].p50_ms:.2f} ms",
+            one[1].p50_ms <= TARGET_P50_AT_1_MS,
+        ),
+        (
+            f"all workers together ≤ {TARGET_WORKERS_PSS_MB} MB PSS",
+            f"{peak_pss:.0f} MB, highest after any run ({len(peak.pss_mb)} workers; the master adds "
+            f"{peak.master_mb[1]:.0f} MB PSS, {peak.master_mb[0]:.0f} MB RSS)",
+            peak_pss <= TARGET_WORKERS_PSS_MB,
+        ),
+    ]
+    lines = ["| Target | Measured | Met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in rows]
+    return "\n".join(lines), all(ok for _, _, ok in rows)
+
+
+def plot(http, limits, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for images, marker in sorted({(run.images, "o" if run.images == 1 else "s") for run in http}):
+        runs = sorted((run for run in http if run.images == images), key=lambda run: run.concurrency)
+        label = f"{images} image{'s' if images > 1 else ''}/request"
+        line = left.plot([r.concurrency for r in runs], [r.images_per_s for r in runs], marker=marker, label=label)[0]
+        left.axhline(limits[images].images_per_s, color=line.get_color(), linestyle="--", linewidth=1,
+                     label=f"no-HTTP limit, {images} image{'s' if images > 1 else ''}/call")
+        right.plot([r.concurrency for r in runs], [r.p99_ms for r in runs], marker=marker, label=label)
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(sorted({run.concurrency for run in http}), labels=sorted({run.concurrency for run in http}))
+        axis.set_xlabel("concurrent connections (wrk)")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    left.set_ylabel("images per second")
+    left.set_title("Throughput")
+    left.set_ylim(bottom=0)
+    right.set_ylabel("p99 latency (ms)")
+    right.set_yscale("log")
+    right.yaxis.set_major_formatter(ScalarFormatter())
+    right.set_title("p99 latency")
+    figure.suptitle("Prediction service, gunicorn with 2 sync workers, 2-core machine", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def conditions(load_before, load_after, workers, seconds, limit_seconds):
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0].strip()
+    return "\n".join([
+        f"- Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {seconds} s per wrk run, "
+        f"{limit_seconds} s per limit measurement.",
+        f"- Machine: {os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 1024**3:.0f} GiB, no GPU.",
+        f"- Software: Python {platform.python_version()}, torch {torch.__version__}, {wrk_version}.",
+        f"- Service: gunicorn with config/gunicorn.conf.py, {workers} sync workers, "
+        f"{max(1, (os.cpu_count() or 1) // workers)} torch thread(s) each (the defaults), access log on; "
+        "wrk on the same machine, so it competes with the workers for the cores.",
+        f"- Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
+        f"after: {', '.join(f'{v:.2f}' for v in load_after)}. 'Busy elsewhere' is the CPU used during a run by "
+        "processes other than gunicorn, wrk and this script (other work on the machine), in cores.",
+    ])
+
+
+def write_report(path, body):
+    generated = f"{BEGIN}\n<!-- Written by `make bench` (bench/run.py); edits here are replaced. -->\n\n{body}\n{END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + generated + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + generated + "\n"
+    path.write_text(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--limit-duration", type=int, default=5, help="seconds per no-HTTP measurement")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--batch", type=int, default=16, help="images per request in the batch runs")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "throughput.png")
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (Debian package wrk; .ci/run installs it)")
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="prediction-bench-") as folder:
+        folder = Path(folder)
+        model_path = write_checkpoint(folder / "models" / "bench" / "model" / "model.pt")
+        png = digit_png()
+        png_path = folder / "digit.png"
+        png_path.write_bytes(png)
+
+        limits = {}
+        for images in (1, args.batch):
+            print(f"limit without HTTP, {images} image(s) per call ...", flush=True)
+            limits[images] = measure_limit(model_path, png, images, args.workers, args.limit_duration)
+
+        http = []
+        with Gunicorn(model_path, args.workers, folder / "gunicorn.log") as server:
+            for images in (1, args.batch):
+                for connections in concurrencies:
+                    print(f"wrk: {images} image(s) per request, {connections} connection(s) ...", flush=True)
+                    run = measure_http(server, connections, png_path, images, args.duration)
+                    run.ratio = run.images_per_s / limits[images].images_per_s
+                    http.append(run)
+    load_after = os.getloadavg()
+
+    results = table([limits[1], limits[args.batch], *http])
+    verdicts, all_met = targets(http, limits)
+    print("\n" + results + "\n\n" + verdicts)
+    plot(http, limits, args.plot)
+    body = "\n\n".join([
+        "## Latest run",
+        conditions(load_before, load_after, args.workers, args.duration, args.limit_duration),
+        results,
+        "Ratio to limit: images/s over the no-HTTP images/s for the same images per call. "
+        "RSS and PSS: mean per worker, read from /proc/<pid>/smaps_rollup after the run "
+        "(PSS divides the pages workers share with the master and each other). "
+        "CPU ms/request: CPU time of gunicorn's processes and wrk per request answered (in brackets, wrk's "
+        "part); for the limit, CPU time per call. With every process busy, throughput is about "
+        "2 cores ÷ this figure, so the ratio to the limit is about the limit's CPU per call ÷ this figure.",
+        f"![Throughput and p99 latency against concurrency]({args.plot.resolve().relative_to(args.output.resolve().parent)})",
+        "### Targets",
+        verdicts,
+    ])
+    write_report(args.output, body)
+    print(f"\nwrote {args.output} and {args.plot}" + ("" if all_met else " (some targets missed: see BENCHMARKS.md)"))
+
+
+if __name__ == "__main__":
+    main()

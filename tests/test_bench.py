@@ -1,0 +1,40 @@
+"""The benchmark's wrk script sends requests the service accepts (``make bench`` itself is not a test)."""
+
+import shutil
+
+import pytest
+
+from bench.run import PREDICT, digit_png, run_wrk
+from tests.support import run_gunicorn
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_checkpoint):
+    assert shutil.which("wrk"), "wrk is not installed (Debian package wrk; .ci/run installs it)"
+    folder = tmp_path_factory.mktemp("bench")
+    with run_gunicorn(folder, env={"PRED_MODEL_PATH": tiny_checkpoint}) as gunicorn:
+        yield gunicorn
+
+
+@pytest.fixture(scope="module")
+def png_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench-image") / "digit.png"
+    path.write_bytes(digit_png())
+    return path
+
+
+@pytest.mark.parametrize("images", [1, 16])
+def test_the_bench_requests_are_answered_with_predictions(server, png_path, images):
+    result = run_wrk(server.url + PREDICT, connections=2, png_path=png_path, images=images, seconds=1)
+    assert result["requests"] > 0
+    assert result["non_2xx"] == 0
+    assert result["connect_errors"] + result["read_errors"] + result["write_errors"] + result["timeouts"] == 0
+
+
+def test_the_bench_counts_answers_that_are_not_2xx(server, png_path):
+    result = run_wrk(server.url + "/api/v1/model/no-such-endpoint", connections=1, png_path=png_path, images=1,
+                     seconds=1)
+    assert result["requests"] > 0
+    assert result["non_2xx"] == result["requests"]
