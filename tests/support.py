@@ -1,8 +1,6 @@
 """Helpers shared by the tests: images, model files and real server processes."""
 
 import io
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +15,9 @@ import requests
 import torch
 from PIL import Image
 
-from config.settings import Settings
+from config.settings import Settings, child_environment
 from service.architectures import DigitCNN
+from service.demo import stop  # noqa: F401  (tests stop the servers they start the same way)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The environment variables the service reads; tests start with none of them set.
@@ -146,19 +145,6 @@ def wait_for_workers(process, count, timeout=60.0, exclude=()):
     raise AssertionError(f"gunicorn has workers {pids}, expected {count} new to {set(exclude)}")
 
 
-def stop(process, timeout=30.0):
-    """Stop a process group politely, then for good."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
-
-
 @contextmanager
 def run_gunicorn(tmp_path, env=None, workers=2, ready=True, timeout=60.0):
     """Start gunicorn exactly as deployed (config/gunicorn.conf.py) on a free loopback port.
@@ -167,17 +153,14 @@ def run_gunicorn(tmp_path, env=None, workers=2, ready=True, timeout=60.0):
     stopped, and its combined output is kept in a log file for assertions and failures.
     """
     port = free_port()
-    environment = {
-        **os.environ,
-        "WEB_CONCURRENCY": str(workers),
-        "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}",
-        "PYTHONUNBUFFERED": "1",
-    }
-    for key, value in (env or {}).items():
-        if value is None:
-            environment.pop(key, None)
-        else:
-            environment[key] = str(value)
+    environment = child_environment(
+        {
+            "WEB_CONCURRENCY": workers,
+            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+    )
     log_path = tmp_path / f"gunicorn-{port}.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(

@@ -14,6 +14,7 @@ import requests
 import torch
 from mlflow import MlflowClient
 
+from config.settings import child_environment
 from service import create_app, demo, mlflow_store
 from service.inference import decode_image
 from service.registry import ModelLoadError, ModelRegistry, read_model, registry
@@ -101,12 +102,7 @@ def service_env(tracking_uri, models_dir, **extra):
 
 def flask_model(*args, env, timeout=300):
     """Run ``flask --app wsgi model ARGS`` as a user would; return the finished process."""
-    environment = dict(os.environ)
-    for key, value in env.items():
-        if value is None:
-            environment.pop(key, None)
-        else:
-            environment[key] = str(value)
+    environment = child_environment(env)
     return subprocess.run(
         [str(BIN / "flask"), "--app", "wsgi", "model", *args],
         cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,

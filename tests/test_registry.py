@@ -15,7 +15,7 @@ from torch import nn
 
 from config.settings import from_env
 from service.architectures import DigitCNN
-from service.inference import InputSpec, decode_image, preprocess
+from service.inference import InputSpec, decode_image
 from service.registry import ModelLoadError, ModelRegistry, model_uuid_from_path, read_model, select_device
 from tests import images
 from tests.conftest import RUN_ID
