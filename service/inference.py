@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-# Our own MAX_IMAGE_PIXELS check runs before any pixel is decoded; Pillow's global guard
-# would otherwise raise first, with its own message, for images it deems bombs.
+# The service's MAX_IMAGE_PIXELS, checked from the header before any pixel is decoded, replaces
+# Pillow's process-wide guard, which would otherwise answer first, and vaguely, for large images.
 Image.MAX_IMAGE_PIXELS = None
 
 
@@ -129,10 +129,9 @@ class Classifier:
             output = self.module(batch.to(self.device, non_blocking=True))
             return torch.softmax(output.float(), dim=1).cpu()
 
-    def predict(self, images, top_k=None):
-        """Classify decoded images in one batched forward pass, in the order given."""
-        batch = torch.stack([preprocess(image, self.input_spec) for image in images])
-        probabilities = self.forward(batch)
+    def classify(self, tensors, top_k=None):
+        """Classify preprocessed CxHxW tensors in one batched forward pass, in the order given."""
+        probabilities = self.forward(torch.stack(tensors))
         if probabilities.shape[1] != len(self.labels):
             raise RuntimeError(
                 f"the network returned {probabilities.shape[1]} classes but the model has {len(self.labels)} labels"
@@ -144,6 +143,15 @@ class Classifier:
             ranked = [(self.labels[i], p) for i, p in zip(row_indices, row_values)]
             results.append(Prediction(ranked[0][0], ranked[0][1], ranked if top_k else None))
         return results
+
+    def prepare(self, data, filename, max_pixels):
+        """Decode one upload and preprocess it at once: only its small tensor outlives the call,
+        so a request of many large images never holds all their bitmaps together."""
+        return preprocess(decode_image(data, filename, max_pixels), self.input_spec)
+
+    def predict(self, images, top_k=None):
+        """Classify decoded images in one batched forward pass, in the order given."""
+        return self.classify([preprocess(image, self.input_spec) for image in images], top_k)
 
     def warm_up(self):
         """Run one forward pass on a blank batch, so the first request pays no set-up cost.

@@ -7,7 +7,7 @@ from flask import current_app
 from flask_smorest import Blueprint, abort
 
 from service import observability, security
-from service.inference import ImageError, decode_image
+from service.inference import ImageError
 from service.registry import ModelLoadError, ModelNotReady, registry
 from service.schemas import PredictQuerySchema, PredictResponseSchema, UploadSchema, VersionResponseSchema
 
@@ -53,12 +53,12 @@ def predict(image_file, top_k=None):
         abort(422, message=f"top_k must be between 1 and {len(classifier.labels)} (the number of labels), got {top_k}")
     max_pixels = current_app.config["MAX_IMAGE_PIXELS"]
     try:
-        images = [decode_image(upload.read(), upload.filename, max_pixels) for upload in image_file]
+        tensors = [classifier.prepare(upload.read(), upload.filename, max_pixels) for upload in image_file]
     except ImageError as exc:
         abort(422, message=f"image_file {exc}", errors={"files": {"image_file": [str(exc)]}})
     started = time.perf_counter()
-    predictions = classifier.predict(images, top_k)
-    observability.record_predictions([p.label for p in predictions], len(images), time.perf_counter() - started)
+    predictions = classifier.classify(tensors, top_k)
+    observability.record_predictions([p.label for p in predictions], len(tensors), time.perf_counter() - started)
     return {
         "data": [
             {
