@@ -185,13 +185,20 @@ def _load_checkpoint(data):
 
 
 def read_model(data):
-    """Build a CPU :class:`Classifier` and its metadata from the bytes of a model file."""
+    """Build a CPU :class:`Classifier` and its metadata from the bytes of a model file.
+
+    Raises ValueError, saying why in one line, for anything that is not a model it can serve.
+    """
     if not data:
         raise ValueError("the file is empty")
-    module, metadata = _load_torchscript(data) if _is_torchscript(data) else _load_checkpoint(data)
-    module.eval()
-    classifier = Classifier(module, _labels(metadata), _input_spec(metadata))
-    return classifier, metadata
+    try:
+        module, metadata = _load_torchscript(data) if _is_torchscript(data) else _load_checkpoint(data)
+        module.eval()
+        return Classifier(module, _labels(metadata), _input_spec(metadata)), metadata
+    except ValueError:
+        raise
+    except Exception as exc:  # torch and TorchScript raise many types for malformed archives
+        raise ValueError(f"cannot load model: {_error_detail(exc)}") from None
 
 
 class ModelRegistry:
@@ -229,10 +236,6 @@ class ModelRegistry:
             if source != self.source:
                 self.source = source
                 self._reset()
-
-    @property
-    def configured(self):
-        return bool(self.source.path or self.source.uri)
 
     def load(self):
         """Load the configured model on the CPU; raise ModelLoadError naming the setting at fault."""
@@ -280,8 +283,6 @@ class ModelRegistry:
             classifier, metadata = read_model(data)
         except ValueError as exc:
             raise ModelLoadError(f"{setting}: {path}: {exc}") from None
-        except Exception as exc:
-            raise ModelLoadError(f"{setting}: {path}: cannot load model: {exc}") from None
         self.classifier = classifier
         self.info = {
             **provenance,
@@ -309,18 +310,18 @@ class ModelRegistry:
                 return classifier
             device, why = select_device(self.source.use_cuda, self.source.use_mps)
             log.info("serving on %s: %s; %d torch thread(s)", device, why, torch.get_num_threads())
-            classifier.module.to(device)
-            classifier.device = device
-            self.info["device"] = str(device)
             started = time.perf_counter()
             try:
+                classifier.module.to(device)
+                classifier.device = device
+                self.info["device"] = str(device)
                 classifier.warm_up()
             except Exception as exc:
-                # e.g. metadata giving an input size the network does not take
+                # e.g. metadata giving an input size the network does not take, or a device out of memory
                 setting = "PRED_MODEL_PATH" if self.source.path else "PRED_MODEL_URI"
                 self.problem = (
                     f"{setting}: {self.info.get('model_path')}: the warm-up forward pass on a "
-                    f"{list(classifier.input_spec.shape)} input failed ({_error_detail(exc)})"
+                    f"{list(classifier.input_spec.shape)} input on {device} failed ({_error_detail(exc)})"
                 )
                 raise ModelLoadError(self.problem) from None
             log.info("warm-up forward pass took %.1f ms", (time.perf_counter() - started) * 1000)
@@ -334,7 +335,11 @@ class ModelRegistry:
             return None
         from service import verify
 
-        report = verify.verify_classifier(classifier, self.info.get("model_uuid"))
+        try:
+            report = verify.verify_classifier(classifier, self.info.get("model_uuid"))
+        except Exception as exc:  # a check that cannot run has not passed; the worker stays unready
+            log.exception("parity check could not run")
+            return f"parity check could not run: {_error_detail(exc)}"
         if report.ok:
             log.info("parity check passed: %s", report.summary)
             return None
