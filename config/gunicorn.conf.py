@@ -5,6 +5,7 @@ fork-safe (torch thread pools, CUDA, the warm-up pass) happens in each worker af
 Command-line flags and ``GUNICORN_CMD_ARGS`` override anything set here.
 """
 
+import atexit
 import os
 import shutil
 import sys
@@ -27,11 +28,24 @@ except ConfigError as exc:
     sys.exit(f"error: {exc}")
 
 # prometheus_client picks multiprocess mode at import, from this variable: set it before the app
-# is imported, and empty the directory so counters of an earlier run are not merged in.
+# is imported, and remove the metric files of an earlier run so their counts are not merged in
+# (only those: the directory may be shared with other files).
 _metrics_dir = _server.metrics_dir or tempfile.mkdtemp(prefix="prediction-service-metrics-")
-shutil.rmtree(_metrics_dir, ignore_errors=True)
 os.makedirs(_metrics_dir, exist_ok=True)
+for _stale in Path(_metrics_dir).glob("*.db"):
+    _stale.unlink(missing_ok=True)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+
+def _remove_own_metrics_dir(master_pid=os.getpid()):
+    # Workers run exit handlers too: only the master, on its way out, removes the directory.
+    if os.getpid() == master_pid:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+
+
+if not _server.metrics_dir:
+    # atexit, not gunicorn's on_exit: a start that fails before gunicorn's main loop skips on_exit.
+    atexit.register(_remove_own_metrics_dir)
 
 bind = f"0.0.0.0:{_server.port}"
 workers = _server.workers
@@ -119,9 +133,3 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid, _metrics_dir)
-
-
-def on_exit(server):
-    """Remove the metrics directory this run made for itself."""
-    if not _server.metrics_dir:
-        shutil.rmtree(_metrics_dir, ignore_errors=True)

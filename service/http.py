@@ -2,7 +2,7 @@
 
 import io
 
-from flask import Request, current_app, has_request_context
+from flask import Request, current_app, has_request_context, request
 from flask_smorest import Api, abort
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.utils import cached_property
@@ -61,8 +61,9 @@ class ServiceApi(Api):
     def handle_http_exception(self, error):
         payload, code, headers = super().handle_http_exception(error)
         if "message" not in payload:
-            if isinstance(error, RequestEntityTooLarge) and has_request_context():
-                limit = current_app.config.get("MAX_CONTENT_LENGTH")
+            limit = current_app.config.get("MAX_CONTENT_LENGTH") if has_request_context() else None
+            length = request.content_length if has_request_context() else None
+            if isinstance(error, RequestEntityTooLarge) and limit and (length is None or length > limit):
                 payload["message"] = f"the request body is larger than {limit} bytes (MAX_CONTENT_LENGTH)"
             elif error.description:
                 payload["message"] = error.description
