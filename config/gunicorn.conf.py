@@ -104,7 +104,7 @@ def post_fork(server, worker):
     from service.registry import ModelLoadError, registry
 
     try:
-        registry.prepare_worker(threads=_server.torch_threads)
+        registry.prepare_worker(threads=server_from_env(workers=server.cfg.workers).torch_threads)
     except ModelLoadError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
         # gunicorn's "worker failed to boot" code: the master stops rather than fork it again.

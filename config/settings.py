@@ -154,10 +154,14 @@ class ServerSettings:
     metrics_dir: str | None
 
 
-def server_from_env(environ=None, cpu_count=None):
-    """Read gunicorn's settings; torch threads default to cores / workers, at least one."""
+def server_from_env(environ=None, cpu_count=None, workers=None):
+    """Read gunicorn's settings; torch threads default to cores / workers, at least one.
+
+    ``workers`` is the worker count gunicorn really runs, when known (a ``--workers`` flag in
+    GUNICORN_CMD_ARGS wins over WEB_CONCURRENCY), so the default threads follow it.
+    """
     environ = os.environ if environ is None else environ
-    workers = _positive_int(environ, "WEB_CONCURRENCY", 2)
+    workers = workers or _positive_int(environ, "WEB_CONCURRENCY", 2)
     cores = cpu_count or os.cpu_count() or 1
     port = _positive_int(environ, "PORT", 8080)
     if port > 65535:
