@@ -16,7 +16,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -27,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import psutil
 import requests
 import torch
@@ -36,11 +34,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config.settings import Settings  # noqa: E402
+from config.settings import Settings, child_environment, server_from_env  # noqa: E402
 from service.architectures import DigitCNN  # noqa: E402
+from service.demo import GUNICORN, stop  # noqa: E402
+from service.training import digit_image  # noqa: E402
 
-BIN = Path(sys.executable).parent
-GUNICORN_CMD = [str(BIN / "gunicorn"), "-c", "config/gunicorn.conf.py", "wsgi:app"]
 LUA_SCRIPT = ROOT / "bench" / "predict.lua"
 PREDICT = "/api/v1/model/predict"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -93,9 +91,8 @@ def digit_png():
     """A real handwritten digit (scikit-learn's bundled set) as the 28x28 PNG a client sends."""
     from sklearn.datasets import load_digits
 
-    pixels = (load_digits().images[0] * (255.0 / 16.0)).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").resize((28, 28), Image.Resampling.BILINEAR).save(buffer, format="PNG")
+    digit_image(load_digits().images[0]).resize((28, 28), Image.Resampling.BILINEAR).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -180,21 +177,33 @@ class Gunicorn:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.env = {
-            **os.environ,
-            "PRED_MODEL_PATH": str(model_path),
-            "WEB_CONCURRENCY": str(workers),
+        self.env = child_environment({
+            "PRED_MODEL_PATH": model_path,
+            "WEB_CONCURRENCY": workers,
             "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.port}",
-        }
-        for name in ("PRED_MODEL_URI", "TORCH_NUM_THREADS", "API_KEY", "PROMETHEUS_MULTIPROC_DIR"):
-            self.env.pop(name, None)
+            "PRED_MODEL_URI": None,
+            "TORCH_NUM_THREADS": None,
+            "API_KEY": None,
+            "PROMETHEUS_MULTIPROC_DIR": None,
+        })
         self.workers = workers
+        self.process = None
 
     def __enter__(self):
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                GUNICORN_CMD, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                GUNICORN, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        # __exit__ does not run when __enter__ fails: stop gunicorn here, or it outlives the benchmark.
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            stop(self.process, timeout=40)
+            raise
+        return self
+
+    def _wait_until_ready(self):
+        """Return once every worker answers readiness; raise SystemExit if gunicorn exits or takes over 120 s."""
         deadline = time.monotonic() + 120
         while True:
             if self.process.poll() is not None:
@@ -206,19 +215,13 @@ class Gunicorn:
             if ready and len(self.worker_pids()) == self.workers:
                 # Every worker answers readiness only once it has warmed up: ask until all have.
                 if all(requests.get(self.url + "/health/ready", timeout=2).status_code == 200 for _ in range(8)):
-                    return self
+                    return
             if time.monotonic() > deadline:
                 raise SystemExit(f"gunicorn not ready after 120 s:\n{self.log_path.read_text()}")
             time.sleep(0.2)
 
     def __exit__(self, *exc):
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop(self.process, timeout=40)
 
     def worker_pids(self):
         try:
@@ -413,13 +416,14 @@ def conditions(load_before, load_after, workers, seconds, limit_seconds):
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0].strip()
+    threads = server_from_env({"WEB_CONCURRENCY": str(workers)}).torch_threads  # as gunicorn.conf.py sets them
     return "\n".join([
         f"- Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {seconds} s per wrk run, "
         f"{limit_seconds} s per limit measurement.",
         f"- Machine: {os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 1024**3:.0f} GiB, no GPU.",
         f"- Software: Python {platform.python_version()}, torch {torch.__version__}, {wrk_version}.",
         f"- Service: gunicorn with config/gunicorn.conf.py, {workers} sync workers, "
-        f"{max(1, (os.cpu_count() or 1) // workers)} torch thread(s) each (the defaults), access log on; "
+        f"{threads} torch thread(s) each (the defaults), access log on; "
         "wrk on the same machine, so it competes with the workers for the cores.",
         f"- Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
         f"after: {', '.join(f'{v:.2f}' for v in load_after)}. 'Busy elsewhere' is the CPU used during a run by "
