@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: images, model files and real server processes."""
+"""Shared test code: images, model files and real server processes."""
 
 import io
 import socket
