@@ -92,17 +92,25 @@ def start_tracking_server(store=STORE, host=HOST, port=PORT, timeout=_START_TIME
         )
     started = time.monotonic()
     next_note = started + 5
-    while not tracking_server_answers(url):
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise DemoError(f"the MLflow tracking server exited with {process.returncode}: {tail[0]} (see {log_path})")
-        if time.monotonic() - started > timeout:
-            stop(process)
-            raise DemoError(f"the MLflow tracking server did not answer at {url} within {timeout} s (see {log_path})")
-        if time.monotonic() > next_note:
-            log.info("waiting for the MLflow tracking server at %s (%.0f s)", url, time.monotonic() - started)
-            next_note += 5
-        time.sleep(0.25)
+    try:
+        while not tracking_server_answers(url):
+            if process.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                raise DemoError(
+                    f"the MLflow tracking server exited with {process.returncode}: {tail[0]} (see {log_path})"
+                )
+            if time.monotonic() - started > timeout:
+                raise DemoError(
+                    f"the MLflow tracking server did not answer at {url} within {timeout} s (see {log_path})"
+                )
+            if time.monotonic() > next_note:
+                log.info("waiting for the MLflow tracking server at %s (%.0f s)", url, time.monotonic() - started)
+                next_note += 5
+            time.sleep(0.25)
+    except BaseException:
+        # Ctrl-C and SIGTERM included: the caller never gets the process, and it runs in its own session.
+        stop(process)
+        raise
     log.info("MLflow tracking server ready in %.1f s: UI at %s", time.monotonic() - started, url)
     return process
 
@@ -194,10 +202,12 @@ def serve_demo(models_dir, store=STORE, host=HOST, port=PORT):
             )
             return gunicorn.wait()
         finally:
-            stop(gunicorn, timeout=40)
-            if server is not None:
-                log.info("stopping the MLflow tracking server at %s", url)
-                stop(server)
+            try:
+                stop(gunicorn, timeout=40)
+            finally:  # a second Ctrl-C while gunicorn stops must not leave the tracking server running
+                if server is not None:
+                    log.info("stopping the MLflow tracking server at %s", url)
+                    stop(server)
 
 
 def exec_gunicorn():

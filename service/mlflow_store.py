@@ -15,12 +15,13 @@ import re
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
@@ -110,7 +111,7 @@ def _probe(uri):
             timeout=PROBE_TIMEOUT_S,
             raise_on_status=False,
         )
-    except MlflowException as exc:
+    except Exception as exc:  # MlflowException for a refused connection; ValueError for a bad TLS setting...
         problem = _connection_problem(exc)
         raise FetchError(f"cannot reach the MLflow tracking server at {shown_uri(uri)}: {problem}") from None
     if response.status_code == 401:
@@ -125,11 +126,20 @@ def _probe(uri):
 def connect(tracking_uri=None):
     """Return a :class:`Tracking` for ``tracking_uri`` (default: MLflow's own, from MLFLOW_TRACKING_URI).
 
-    Raises FetchError when the server cannot be reached or refuses the credentials.
+    Raises FetchError when the server cannot be reached or refuses the credentials, or when a
+    local store (``sqlite:``, ``file:``) cannot be opened.
     """
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    try:
+        uri = str(tracking_uri or mlflow.get_tracking_uri())
+    except Exception as exc:
+        raise FetchError(f"no usable MLflow tracking URI (MLFLOW_TRACKING_URI): {first_line(exc)}") from None
     _probe(uri)
-    return Tracking(MlflowClient(tracking_uri=uri), uri)
+    try:
+        # A local store is opened here: OSError, SQLAlchemy's errors and MlflowException all occur.
+        client = MlflowClient(tracking_uri=uri)
+    except Exception as exc:
+        raise FetchError(f"cannot open the MLflow tracking store at {shown_uri(uri)}: {first_line(exc)}") from None
+    return Tracking(client, uri)
 
 
 def _failure(exc, tracking, subject):
@@ -153,7 +163,7 @@ def get_run(tracking, run_id):
     check_run_id(run_id)
     try:
         return tracking.client.get_run(run_id)
-    except MlflowException as exc:
+    except Exception as exc:  # not only MlflowException: a local store raises OSError and SQLAlchemy errors
         raise _failure(exc, tracking, f"run {run_id}") from None
 
 
@@ -181,6 +191,24 @@ def local_model_path(models_dir, run_id, artifact=MODEL_ARTIFACT):
     """Where :func:`download_run` puts ``artifact`` of run ``run_id``: ``<models_dir>/<run_id>/<artifact>``."""
     check_run_id(run_id)
     return Path(models_dir) / run_id / artifact
+
+
+@contextmanager
+def _artifacts_progress_bar(enabled):
+    """Turn MLflow's artifact progress bar on or off for the downloads made inside the block.
+
+    MLflow reads this setting from the process environment at each download, so it is set
+    through MLflow's own setting object and put back as it was afterwards.
+    """
+    was_set, previous = MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.is_set(), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get_raw()
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set("true" if enabled else "false")
+    try:
+        yield
+    finally:
+        if was_set:
+            MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(previous)
+        else:
+            MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.unset()
 
 
 def _size(nbytes):
@@ -217,23 +245,25 @@ def _install(staging, target, artifact):
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def download_run(run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None):
+def download_run(run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None, tracking_uri=None, progress=True):
     """Download run ``run_id``'s artifacts into ``<models_dir>/<run_id>/`` and return the model file's path.
 
     A no-op (no server contact) when the model file is already there: only checked, complete
-    downloads are ever renamed into place. Raises FetchError, one line, for an unknown run, an
-    unreachable server, refused credentials, a run without ``artifact``, or a failed transfer.
+    downloads are ever renamed into place. Otherwise it uses ``tracking``, or connects to
+    ``tracking_uri`` (default: MLflow's own). ``progress=False`` hides MLflow's progress bar, which
+    is raw terminal output (for a server's log). Raises FetchError, one line, for an unknown run,
+    an unreachable server, refused credentials, a run without ``artifact``, or a failed transfer.
     """
     target_file = local_model_path(models_dir, run_id, artifact)
     target = Path(models_dir) / run_id
     if target_file.is_file():
         log.info("run %s is already downloaded: %s", run_id, target_file)
         return target_file
-    tracking = tracking or connect()
+    tracking = tracking or connect(tracking_uri)
     get_run(tracking, run_id)
     try:
         files = _list_files(tracking, run_id)
-    except MlflowException as exc:
+    except Exception as exc:
         raise _failure(exc, tracking, f"artifacts of run {run_id}") from None
     if artifact not in files:
         listed = ", ".join(sorted(files)[:8]) or "no artifacts at all"
@@ -251,11 +281,10 @@ def download_run(run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None):
             run_id, tracking.shown, len(files), _size(total), target,
         )
         try:
-            mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(staging), tracking_uri=tracking.uri)
-        except MlflowException as exc:
+            with _artifacts_progress_bar(progress):
+                mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(staging), tracking_uri=tracking.uri)
+        except Exception as exc:  # MlflowException, OSError, and whatever the artifact store's client raises
             raise FetchError(f"downloading run {run_id} failed: {first_line(exc)}") from None
-        except OSError as exc:
-            raise FetchError(f"downloading run {run_id} failed: {exc}") from None
         try:
             classifier, metadata = _check_download(staging, files, artifact)
         except FetchError as exc:
@@ -308,13 +337,12 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None):
     """Fetch the model a ``runs:/`` or ``models:/`` URI names into ``<models_dir>/<run_id>/`` (once).
 
     ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` are resolved to their run on the
-    tracking server; a ``runs:/`` URI already on disk needs no server at all.
+    tracking server; a ``runs:/`` URI already on disk needs no server at all. This is the
+    start-up path (the gunicorn master): MLflow's progress bar stays off, as it is not log output.
     """
     kind, name, detail = _parse_uri(uri)
     if kind == "runs":
-        if local_model_path(models_dir, name, detail).is_file():
-            return FetchedModel(local_model_path(models_dir, name, detail), name)
-        return FetchedModel(download_run(name, models_dir, detail, connect(tracking_uri)), name)
+        return FetchedModel(download_run(name, models_dir, detail, tracking_uri=tracking_uri, progress=False), name)
     alias, number = detail
     tracking = connect(tracking_uri)
     try:
@@ -322,10 +350,10 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None):
             version = tracking.client.get_model_version_by_alias(name, alias)
         else:
             version = tracking.client.get_model_version(name, number)
-    except MlflowException as exc:
+    except Exception as exc:
         raise _failure(exc, tracking, f"registered model {uri[len('models:/'):]}") from None
     if not version.run_id:
         raise FetchError(f"{uri}: version {version.version} of {name} has no run to fetch the model from")
-    path = download_run(version.run_id, models_dir, _artifact_of_version(tracking, version), tracking)
+    path = download_run(version.run_id, models_dir, _artifact_of_version(tracking, version), tracking, progress=False)
     log.info("%s is version %s of %s, from run %s", uri, version.version, name, version.run_id)
     return FetchedModel(path, version.run_id, name, str(version.version))

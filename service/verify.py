@@ -82,10 +82,11 @@ def verify_classifier(classifier, run_id, tracking=None):
             "and PRED_MODEL_UUID is not set",
         )
     try:
+        # connect() and get_run() turn every failure (a server, a local store, a bad id) into FetchError.
         tracking = tracking or mlflow_store.connect()
         run = mlflow_store.get_run(tracking, run_id)
     except mlflow_store.FetchError as exc:
-        return VerifyReport(False, f"cannot read the logged accuracy: {exc}")
+        return VerifyReport(False, f"cannot read the accuracy logged on run {run_id}: {exc}")
     metrics, params = run.data.metrics, run.data.params
     missing = [name for name in ("test_accuracy",) if name not in metrics]
     missing += [name for name in ("split_seed", "test_fraction") if name not in params]

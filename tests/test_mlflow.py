@@ -210,6 +210,7 @@ def test_download_by_run_id_then_gunicorn_predicts_as_in_process(tracking_url, t
     assert result.stdout.strip() == f"export PRED_MODEL_PATH={model_path}"
     assert {"confusion_matrix.png", "sample_predictions.png"} <= {p.name for p in (models_dir / trained_run).iterdir()}
     assert "downloading run" in result.stderr and "3 file(s)" in result.stderr  # progress
+    assert "Downloading artifacts" in result.stderr  # MLflow's progress bar, for a person at a terminal
 
     # Complete files: a second download needs no server at all.
     gone = f"http://127.0.0.1:{free_port()}"
@@ -248,6 +249,7 @@ def test_pred_model_uri_runs_fetches_once_serves_and_passes_its_start_up_check(t
     assert version["model_path"] == str(model_path)
     assert version["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
     assert log.count("downloading run") == 1, log  # in the master, once for both workers
+    assert "Downloading artifacts" not in log  # no progress bar in a server's log
 
 
 def test_pred_model_uri_with_a_registered_alias(tracking_url, trained_run, tmp_path):
@@ -261,10 +263,13 @@ def test_pred_model_uri_with_a_registered_alias(tracking_url, trained_run, tmp_p
     assert Path(version["model_path"]) == models_dir / trained_run / "model" / "model.pt"
 
 
-def test_registered_version_numbers_resolve_too(tracking_url, trained_run, tmp_path):
+def test_registered_version_numbers_resolve_too(tracking_url, trained_run, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     fetched = mlflow_store.fetch_model_uri(f"models:/{MODEL_NAME}/1", tmp_path / "models", tracking_url)
     assert (fetched.run_id, fetched.model_name, fetched.model_version) == (trained_run, MODEL_NAME, "1")
     assert fetched.path == tmp_path / "models" / trained_run / "model" / "model.pt"
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # put back as it was
     with pytest.raises(mlflow_store.FetchError, match="not found"):
         mlflow_store.fetch_model_uri(f"models:/{MODEL_NAME}@no-such-alias", tmp_path / "models", tracking_url)
 
@@ -367,6 +372,57 @@ def test_download_with_credentials_and_refused_credentials(auth_tracking_url, tm
     assert ADMIN_PASSWORD not in allowed.stdout + allowed.stderr
     model_path = models_dir / run_id / "model" / "model.pt"
     assert model_path.read_bytes() == checkpoint.read_bytes()
+
+
+UNOPENABLE_STORE = "sqlite:////proc/no-such-dir/mlflow.db"
+
+
+def test_a_local_store_that_cannot_be_opened_is_one_fetch_error(tmp_path):
+    message = f"cannot open the MLflow tracking store at {UNOPENABLE_STORE}"
+    with pytest.raises(mlflow_store.FetchError, match=message) as raised:
+        mlflow_store.connect(UNOPENABLE_STORE)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(mlflow_store.FetchError, match=message):
+        mlflow_store.fetch_model_uri(f"runs:/{UNKNOWN_RUN}/model/model.pt", tmp_path / "models", UNOPENABLE_STORE)
+    with pytest.raises(mlflow_store.FetchError, match=message):
+        mlflow_store.fetch_model_uri(f"models:/{MODEL_NAME}@{ALIAS}", tmp_path / "models", UNOPENABLE_STORE)
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_runs_uri_already_on_disk_needs_no_tracking_store(tmp_path):
+    model_path = write_template_checkpoint(tmp_path / "models" / UNKNOWN_RUN / "model" / "model.pt")
+    fetched = mlflow_store.fetch_model_uri(f"runs:/{UNKNOWN_RUN}/model/model.pt", tmp_path / "models", UNOPENABLE_STORE)
+    assert (fetched.path, fetched.run_id) == (model_path, UNKNOWN_RUN)
+
+
+def test_the_cli_fails_in_one_line_when_the_local_store_cannot_be_opened(tmp_path, monkeypatch):
+    env = service_env(UNOPENABLE_STORE, tmp_path / "models")
+    model_file = str(write_template_checkpoint(tmp_path / "model.pt"))
+    for args in (("download", UNKNOWN_RUN), ("verify", UNKNOWN_RUN), ("verify", model_file, "--run-id", UNKNOWN_RUN)):
+        result = flask_model_in_process(monkeypatch, *args, env=env)
+        assert_one_line_error(result, "cannot open the MLflow tracking store", UNOPENABLE_STORE)
+
+
+def test_an_interrupted_tracking_server_start_stops_the_server(tmp_path, monkeypatch):
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(command, **kwargs):
+        started.append(real_popen(["sleep", "60"], **kwargs))  # stands in for ``mlflow server``
+        return started[-1]
+
+    def interrupted(url):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo.subprocess, "Popen", popen)
+    monkeypatch.setattr(demo, "tracking_server_answers", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            demo.start_tracking_server(tmp_path / "store", "127.0.0.1", free_port())
+        assert started and started[0].poll() is not None
+    finally:
+        for process in started:
+            stop(process)
 
 
 class _CuttingProxy(http.server.BaseHTTPRequestHandler):

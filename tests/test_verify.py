@@ -77,3 +77,12 @@ def test_an_unreachable_tracking_server_fails_the_check_quickly(trained_checkpoi
     report = verify_classifier(classifier, "0123456789abcdef0123456789abcdef")
     assert not report.ok
     assert "cannot reach the MLflow tracking server" in report.summary
+
+
+def test_a_local_store_that_cannot_be_opened_fails_the_check(trained_checkpoint, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////proc/no-such-dir/mlflow.db")
+    classifier, _ = read_model(trained_checkpoint.read_bytes())
+    report = verify_classifier(classifier, "0123456789abcdef0123456789abcdef")
+    assert not report.ok
+    assert "cannot open the MLflow tracking store at sqlite:////proc/no-such-dir/mlflow.db" in report.summary
+    assert "\n" not in report.summary
