@@ -25,12 +25,11 @@ from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
-from service.registry import read_model
+from service.registry import MODEL_ARTIFACT_DIR, MODEL_FILE, read_model
 
 log = logging.getLogger(__name__)
 
-MODEL_ARTIFACT = "model/model.pt"
-MODEL_FILE = "model.pt"
+MODEL_ARTIFACT = f"{MODEL_ARTIFACT_DIR}/{MODEL_FILE}"
 # A run id becomes a folder name: accept what MLflow generates, never a path.
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,255}$")
 _URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")

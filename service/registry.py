@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 TEMPLATE_ARCHITECTURE = "digit_cnn"
 TEMPLATE_LABELS = tuple(str(d) for d in range(10))
 TORCHSCRIPT_METADATA = "metadata.json"
+# Where a run keeps its model, as an MLflow artifact path and under models/<run id>/.
+MODEL_ARTIFACT_DIR = "model"
+MODEL_FILE = "model.pt"
 _MODEL_PATH_LAYOUT = re.compile(r"(?:^|/)models/(?P<uuid>[^/]+)/model/[^/]+$")
 _UNPICKLING_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 

@@ -23,16 +23,16 @@ from tqdm import tqdm
 
 from service.architectures import DigitCNN
 from service.inference import InputSpec, preprocess
+from service.registry import MODEL_ARTIFACT_DIR, MODEL_FILE, TEMPLATE_ARCHITECTURE, TEMPLATE_LABELS
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURE = "digit_cnn"
-LABELS = tuple(str(d) for d in range(10))
+ARCHITECTURE = TEMPLATE_ARCHITECTURE
+LABELS = TEMPLATE_LABELS
 INPUT_SPEC = InputSpec(channels=1, height=28, width=28)
 DATASET = "sklearn.datasets.load_digits"
 DEFAULT_EXPERIMENT = "digit-classifier"
-MODEL_ARTIFACT_DIR = "model"
-CHECKPOINT_NAME = "model.pt"
+CHECKPOINT_NAME = MODEL_FILE
 CONFUSION_MATRIX = "confusion_matrix.png"
 SAMPLE_PREDICTIONS = "sample_predictions.png"
 _EVAL_BATCH = 256
