@@ -118,6 +118,8 @@ def from_env(environ=None):
             f"PRED_MODEL_URI: expected runs:/<run_id>/<path> or models:/<name>@<alias> "
             f"or models:/<name>/<version>, got {model_uri!r}"
         )
+    if model_path and model_uri:
+        raise ConfigError("PRED_MODEL_URI: set either PRED_MODEL_PATH or PRED_MODEL_URI, not both")
     origins = tuple(o.strip() for o in environ.get("CORS_ORIGINS", "").split(",") if o.strip())
     if "*" in origins:
         raise ConfigError("CORS_ORIGINS: list the allowed origins explicitly; '*' is not accepted")

@@ -398,6 +398,11 @@ def test_each_bad_server_setting_is_a_config_error_naming_it(variable, value):
         server_from_env({variable: value}, cpu_count=2)
 
 
+def test_a_model_path_and_a_model_uri_together_are_refused():
+    with pytest.raises(ConfigError, match="^PRED_MODEL_URI: set either PRED_MODEL_PATH or PRED_MODEL_URI"):
+        from_env({"PRED_MODEL_PATH": "/models/a/model/model.pt", "PRED_MODEL_URI": "runs:/a/model/model.pt"})
+
+
 def test_settings_defaults():
     settings = from_env({})
     assert settings.PRED_MODEL_PATH is None and settings.PRED_MODEL_UUID is None

@@ -35,7 +35,6 @@ def _classifier():
 @blp.alt_response(400, response="BAD_REQUEST")
 @blp.alt_response(401, response="UNAUTHORIZED")
 @blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
-@blp.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
 @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
 @blp.doc(requestBody={"content": {"multipart/form-data": {"encoding": {"image_file": {"contentType": IMAGE_TYPES}}}}})
 def predict(image_file, top_k=None):
