@@ -75,7 +75,7 @@ class DigitSplit:
     test: np.ndarray
 
 
-def split_digits(split_seed=0, test_fraction=0.2):
+def split_digits(split_seed=TrainConfig.split_seed, test_fraction=TrainConfig.test_fraction):
     """Split the bundled digits into training and held-out indices; the same seed gives the same split."""
     # scikit-learn and matplotlib load here, not with the module: the CLI imports this module.
     from sklearn.datasets import load_digits
@@ -95,7 +95,7 @@ def digit_image(pixels):
     return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
 
 
-def held_out_digits(split_seed=0, test_fraction=0.2):
+def held_out_digits(split_seed=TrainConfig.split_seed, test_fraction=TrainConfig.test_fraction):
     """The held-out digits of a split, as (image, label) pairs."""
     split = split_digits(split_seed, test_fraction)
     return [(digit_image(split.images[i]), LABELS[split.targets[i]]) for i in split.test]

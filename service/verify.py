@@ -1,8 +1,8 @@
 """Parity check: the held-out digits, sent as PNG like a client sends them, must score what training logged.
 
-The digits go through the service's own :func:`~service.inference.decode_image`, preprocessing
-and classifier; a served model whose weights, labels or preprocessing differ from the trained
-one (train/serve skew) scores differently from the ``test_accuracy`` logged on its MLflow run.
+The digits go through the service's own decoding, preprocessing and classifier, as uploads do; a
+served model whose weights, labels or preprocessing differ from the trained one (train/serve skew)
+scores differently from the ``test_accuracy`` logged on its MLflow run.
 """
 
 import io
@@ -10,8 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from config.settings import Settings
-from service.inference import decode_image
-from service.training import held_out_digits
+from service.training import TrainConfig, held_out_digits
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ class VerifyReport:
     count: int = 0
 
 
-def held_out_pngs(split_seed=0, test_fraction=0.2):
+def held_out_pngs(split_seed=TrainConfig.split_seed, test_fraction=TrainConfig.test_fraction):
     """The held-out digits of a training split as (filename, PNG bytes, label), as a client sends them."""
     pngs = []
     for i, (image, label) in enumerate(held_out_digits(split_seed, test_fraction)):
@@ -40,19 +39,27 @@ def held_out_pngs(split_seed=0, test_fraction=0.2):
     return pngs
 
 
-def measure(classifier, split_seed=0, test_fraction=0.2):
+def measure(classifier, split_seed=TrainConfig.split_seed, test_fraction=TrainConfig.test_fraction):
     """Return (accuracy, count) of ``classifier`` on the held-out digits sent through the service's decoder."""
     pngs = held_out_pngs(split_seed, test_fraction)
     correct = 0
     for start in range(0, len(pngs), _BATCH):
         chunk = pngs[start : start + _BATCH]
-        images = [decode_image(data, name, Settings.MAX_IMAGE_PIXELS) for name, data, _ in chunk]
-        predictions = classifier.predict(images)
+        # The very calls the predict endpoint makes for an upload and for a request.
+        tensors = [classifier.prepare(data, name, Settings.MAX_IMAGE_PIXELS) for name, data, _ in chunk]
+        predictions = classifier.classify(tensors)
         correct += sum(p.label == label for p, (_, _, label) in zip(predictions, chunk))
     return correct / len(pngs), len(pngs)
 
 
-def check(classifier, expected, split_seed=0, test_fraction=0.2, source="training", tolerance=TOLERANCE_POINTS):
+def check(
+    classifier,
+    expected,
+    split_seed=TrainConfig.split_seed,
+    test_fraction=TrainConfig.test_fraction,
+    source="training",
+    tolerance=TOLERANCE_POINTS,
+):
     """Compare the classifier's held-out accuracy with ``expected`` (0..1); within ``tolerance`` points passes."""
     accuracy, count = measure(classifier, split_seed, test_fraction)
     apart = abs(accuracy - expected) * 100
