@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test clean
+.PHONY: install system-packages serve test clean
 
 install: $(STAMP)  ## create .venv and install the pinned requirements
 
@@ -14,6 +14,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --progress-bar on -r requirements-dev.txt
 	@touch $@
+
+# Debian packages the tests start for real (Chromium for Swagger UI, nginx, wrk for the benchmark).
+SYSTEM_PACKAGES ?= nginx chromium wrk
+
+system-packages:  ## install the Debian packages the tests need, if missing (apt-get as root or with sudo)
+	@scripts/install-system-packages $(SYSTEM_PACKAGES)
 
 serve: install  ## serve the configured model with gunicorn on :8080 (none configured: the MLflow demo model)
 	$(BIN)/flask --app wsgi model serve
@@ -33,12 +39,13 @@ download: install  ## fetch an MLflow run's model into models/RUN_ID/: make down
 train: install  ## train the digit CNN and log it to MLflow: make train TRAIN_ARGS="--epochs 8"
 	$(BIN)/flask --app wsgi model train $(TRAIN_ARGS)
 
-test: install  ## run the whole test suite
+test: install system-packages  ## run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 .PHONY: bench
 BENCH_ARGS ?=
 bench: install  ## throughput and latency as deployed (gunicorn + wrk); writes BENCHMARKS.md
+	@scripts/install-system-packages wrk
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:  ## remove caches (keeps .venv and models/)

@@ -40,7 +40,7 @@ def server(tmp_path_factory, tiny_checkpoint):
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is not installed: apt-get install chromium (.ci/run does)")
+        pytest.fail("Chromium is not installed: apt-get install chromium (make test does)")
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield launched
