@@ -26,7 +26,6 @@ serve: install  ## serve the configured model with gunicorn on :8080 (none confi
 
 .PHONY: mlflow download train
 # The model commands talk to the local tracking server unless MLFLOW_TRACKING_URI names another.
-download train: export MLFLOW_TRACKING_URI ?= http://127.0.0.1:5000
 TRAIN_ARGS ?=
 
 mlflow: install  ## the local MLflow tracking server alone (store in var/mlflow/), UI on http://127.0.0.1:5000

@@ -18,6 +18,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -25,6 +26,7 @@ from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
+from config import settings
 from service.registry import MODEL_ARTIFACT_DIR, MODEL_FILE, read_model
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,13 @@ def first_line(exc):
     password = read_mlflow_creds().password
     if password:
         line = line.replace(password, "***")
-    return shown_uri(line)[:300]
+    line = shown_uri(line)
+    if len(line) > 300:
+        # Whole sentences, else whole words: a line cut mid-URL or mid-word reads as a different error.
+        cut = line[:300]
+        end = cut.rfind(". ")
+        line = cut[: end + 1] if end > 60 else f"{cut.rsplit(' ', 1)[0]}..."
+    return line
 
 
 def _connection_problem(exc):
@@ -96,10 +104,25 @@ def _connection_problem(exc):
     return first_line(cause)
 
 
-def _probe(uri):
-    """Fail in seconds, with one line, when an HTTP tracking server is down or refuses our credentials."""
+def _probe(uri, create=False):
+    """Fail in seconds, with one line, when an HTTP tracking server is down or refuses our credentials.
+
+    A local store (``sqlite:`` file, folder) that does not exist fails too, unless ``create``:
+    MLflow would make an empty one, where any lookup can only fail, and leave it behind.
+    """
     if not uri.startswith(("http://", "https://")):
-        return  # a local store (sqlite:, file:): nothing to reach
+        parts = urlsplit(uri)
+        if parts.scheme == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db, sqlite:// (in memory)
+            path = parts.path[1:] if parts.path.startswith("/") else parts.path
+            local = Path(path) if path and path != ":memory:" else None
+        else:
+            local = Path(parts.path) if parts.scheme in ("", "file") else None  # postgresql:, databricks...
+        if local is not None and not create and not local.exists():
+            raise FetchError(
+                f"cannot open the MLflow tracking store at {shown_uri(uri)}: {local} does not exist "
+                "(check MLFLOW_TRACKING_URI; a lookup never creates a store)"
+            )
+        return
     try:
         response = http_request(
             get_default_host_creds(uri),
@@ -112,6 +135,8 @@ def _probe(uri):
         )
     except Exception as exc:  # MlflowException for a refused connection; ValueError for a bad TLS setting...
         problem = _connection_problem(exc)
+        if uri.rstrip("/") == settings.LOCAL_TRACKING_URI:
+            problem += ": start it with `make mlflow`, or set MLFLOW_TRACKING_URI to your tracking server"
         raise FetchError(f"cannot reach the MLflow tracking server at {shown_uri(uri)}: {problem}") from None
     if response.status_code == 401:
         raise FetchError(
@@ -122,17 +147,19 @@ def _probe(uri):
         raise FetchError(f"the MLflow tracking server at {shown_uri(uri)} denied access (HTTP 403)")
 
 
-def connect(tracking_uri=None):
-    """Return a :class:`Tracking` for ``tracking_uri`` (default: MLflow's own, from MLFLOW_TRACKING_URI).
+def connect(tracking_uri=None, create=False):
+    """Return a :class:`Tracking` for ``tracking_uri``; by default MLFLOW_TRACKING_URI, else the local
+    tracking server (``make mlflow``), so that every command looks in the same place.
 
-    Raises FetchError when the server cannot be reached or refuses the credentials, or when a
-    local store (``sqlite:``, ``file:``) cannot be opened.
+    Raises FetchError when the server cannot be reached or refuses the credentials, when the URI
+    has no scheme, or when a local store (``sqlite:``, a folder) cannot be opened or, unless
+    ``create``, does not exist yet.
     """
     try:
-        uri = str(tracking_uri or mlflow.get_tracking_uri())
-    except Exception as exc:
-        raise FetchError(f"no usable MLflow tracking URI (MLFLOW_TRACKING_URI): {first_line(exc)}") from None
-    _probe(uri)
+        uri = settings.tracking_uri({"MLFLOW_TRACKING_URI": str(tracking_uri)} if tracking_uri else None)
+    except settings.ConfigError as exc:
+        raise FetchError(str(exc)) from None
+    _probe(uri, create)
     try:
         # A local store is opened here: OSError, SQLAlchemy's errors and MlflowException all occur.
         client = MlflowClient(tracking_uri=uri)
