@@ -96,13 +96,13 @@ def main(argv=None):
     torch.set_num_threads(1)
     from service import create_app
     from service.inference import decode_image
-    from service.registry import registry
+    from service.registry import EXTENSION
 
     with TemporaryDirectory(prefix="prediction-profile-") as folder:
         model_path = write_checkpoint(Path(folder) / "models" / "profile" / "model" / "model.pt")
         app = create_app({"PRED_MODEL_PATH": str(model_path)})
         logging.getLogger().setLevel(logging.WARNING)
-        classifier = registry.prepare_worker(threads=1)
+        classifier = app.extensions[EXTENSION].prepare_worker(threads=1).classifier
         png = digit_png()
         max_pixels = app.config["MAX_IMAGE_PIXELS"]
 

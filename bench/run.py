@@ -109,7 +109,7 @@ def _limit_process(model_path, png, images, seconds, barrier, results):
     """In a fresh process: what one single-threaded worker does per request, minus HTTP."""
     torch.set_num_threads(1)
     from service.inference import decode_image
-    from service.registry import read_model
+    from service.formats import read_model
 
     classifier, _ = read_model(Path(model_path).read_bytes())
     max_pixels = Settings.MAX_IMAGE_PIXELS

@@ -31,6 +31,9 @@ class Settings:
     MAX_FILES: int = 64
     MAX_IMAGE_PIXELS: int = 4096 * 4096
     VERIFY_MODEL_ON_START: bool = False
+    PRED_MODEL_POLL_SECONDS: int = 30
+    ALLOW_MODEL_PROGRAMS: bool = False
+    MAX_MODEL_FILE_SIZE: int = 2 * 1024**3
     LOG_LEVEL: str = "INFO"
     LOG_FORMAT: str = "text"
     API_KEY: str | None = field(default=None, repr=False)
@@ -64,6 +67,19 @@ def _positive_int(environ, name, default):
         raise ConfigError(f"{name}: expected a positive whole number, got {raw!r}") from None
     if value < 1:
         raise ConfigError(f"{name}: must be at least 1, got {value}")
+    return value
+
+
+def _whole_number(environ, name, default):
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number (0 or more), got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name}: must be 0 or more, got {value}")
     return value
 
 
@@ -154,6 +170,9 @@ def from_env(environ=None):
         MAX_FILES=_positive_int(environ, "MAX_FILES", Settings.MAX_FILES),
         MAX_IMAGE_PIXELS=_positive_int(environ, "MAX_IMAGE_PIXELS", Settings.MAX_IMAGE_PIXELS),
         VERIFY_MODEL_ON_START=_flag(environ, "VERIFY_MODEL_ON_START"),
+        PRED_MODEL_POLL_SECONDS=_whole_number(environ, "PRED_MODEL_POLL_SECONDS", Settings.PRED_MODEL_POLL_SECONDS),
+        ALLOW_MODEL_PROGRAMS=_flag(environ, "ALLOW_MODEL_PROGRAMS"),
+        MAX_MODEL_FILE_SIZE=_size(environ, "MAX_MODEL_FILE_SIZE", Settings.MAX_MODEL_FILE_SIZE),
         LOG_LEVEL=_choice(environ, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
         LOG_FORMAT=_choice(environ, "LOG_FORMAT", "text", ("text", "json")),
         API_KEY=_text(environ, "API_KEY"),

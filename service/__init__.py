@@ -12,7 +12,7 @@ from service import cli, observability
 from service.api import health, metrics
 from service.api.v1 import model as model_v1
 from service.http import ServiceApi, UploadRequest
-from service.registry import registry
+from service.registry import EXTENSION, ModelRegistry
 from service.security import BEARER_SCHEME
 
 SWAGGER_UI_ASSETS = "/swagger-ui/assets"
@@ -46,8 +46,9 @@ def create_app(test_config=None):
     """Create the app: config -> logging -> extensions -> blueprints -> CLI.
 
     Settings come from the environment (see README); ``test_config`` overrides them. The model
-    is not loaded here: gunicorn loads it before forking (config/gunicorn.conf.py), and other
-    processes load it on first use, so the ``flask`` CLI works with no model configured.
+    is not loaded here: gunicorn loads it before forking (service/hooks.py), and other processes
+    load it on first use, so the ``flask`` CLI works with no model configured. Each app has its
+    own model registry, ``app.extensions["model_registry"]``.
     """
     app = Flask(__name__)
     app.request_class = UploadRequest
@@ -70,7 +71,7 @@ def create_app(test_config=None):
             expose_headers=[observability.REQUEST_ID_HEADER],
             allow_headers=["Authorization", "Content-Type", observability.REQUEST_ID_HEADER],
         )
-    registry.configure(app.config)
+    app.extensions[EXTENSION] = ModelRegistry.from_config(app.config)
 
     api = ServiceApi(app)
     if app.config.get("API_KEY"):

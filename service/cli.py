@@ -9,7 +9,8 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from service import demo
-from service.registry import ModelLoadError, ModelRegistry, read_model
+from service.formats import ModelFileError, read_bytes, read_model
+from service.registry import ModelLoadError, ModelRegistry
 from service.training import DEFAULT_EXPERIMENT, TrainConfig
 
 model_cli = AppGroup("model", help="Inspect, fetch, train and verify models.")
@@ -19,9 +20,11 @@ model_cli = AppGroup("model", help="Inspect, fetch, train and verify models.")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def inspect_command(path):
     """Load a model file as the service would and print what it serves."""
+    config = current_app.config
     try:
-        classifier, metadata = read_model(path.read_bytes())
-    except ValueError as exc:
+        data = read_bytes(path, config["MAX_MODEL_FILE_SIZE"])
+        classifier, metadata = read_model(data, config["ALLOW_MODEL_PROGRAMS"])
+    except ModelFileError as exc:
         raise click.ClickException(f"{path}: {exc}") from None
     summary = {
         "architecture": metadata["architecture"],
@@ -50,7 +53,9 @@ def download_command(run_id):
     from service import mlflow_store
 
     try:
-        path = mlflow_store.download_run(run_id, current_app.config["MODELS_DIR"])
+        path = mlflow_store.download_run(
+            run_id, current_app.config["MODELS_DIR"], allow_programs=current_app.config["ALLOW_MODEL_PROGRAMS"]
+        )
     except mlflow_store.FetchError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"export PRED_MODEL_PATH={shlex.quote(str(path))}")
@@ -121,23 +126,22 @@ def verify_command(target, run_id):
         config.update(PRED_MODEL_PATH=str(path), PRED_MODEL_URI=None, PRED_MODEL_UUID=run_id)
     elif target:
         try:
-            path = mlflow_store.download_run(target, config["MODELS_DIR"])
+            path = mlflow_store.download_run(target, config["MODELS_DIR"], allow_programs=config["ALLOW_MODEL_PROGRAMS"])
         except mlflow_store.FetchError as exc:
             raise click.ClickException(str(exc)) from None
         config.update(PRED_MODEL_PATH=str(path), PRED_MODEL_URI=None, PRED_MODEL_UUID=run_id or target)
     elif run_id:
         config.update(PRED_MODEL_UUID=run_id)
-    models = ModelRegistry()
-    models.configure(config)
+    models = ModelRegistry.from_config(config)
     try:
-        classifier = models.load()
+        served = models.load()
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from None
-    if not models.info.get("model_uuid"):
+    if not served.info.get("model_uuid"):
         raise click.ClickException(
             "no MLflow run id to compare with: pass --run-id (or keep the model at models/<run_id>/model/model.pt)"
         )
-    report = verify_classifier(classifier, models.info["model_uuid"])
+    report = verify_classifier(served.classifier, served.info["model_uuid"])
     if not report.ok:
         raise click.ClickException(f"parity check failed: {report.summary}")
     click.echo(f"parity check passed: {report.summary}")

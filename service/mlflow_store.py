@@ -27,7 +27,7 @@ from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
 from config import settings
-from service.registry import MODEL_ARTIFACT_DIR, MODEL_FILE, read_model
+from service.formats import MODEL_ARTIFACT_DIR, MODEL_FILE, read_model
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,15 @@ _AUTH_ERRORS = {"UNAUTHENTICATED": "refused the credentials", "PERMISSION_DENIED
 
 class FetchError(RuntimeError):
     """A model cannot be fetched from MLflow; the message is one line for an operator."""
+
+
+class ModelRefused(FetchError):
+    """A model was fetched whole but cannot be served (not a model file, or a refused format).
+
+    ``version`` is the registered version it was fetched as, when it was fetched through one.
+    """
+
+    version = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +250,7 @@ def _size(nbytes):
     return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
 
-def _check_download(staging, files, artifact):
+def _check_download(staging, files, artifact, allow_programs=False):
     """Raise FetchError unless every file arrived whole and the model loads as the service loads it."""
     for path, size in files.items():
         local = staging / path
@@ -250,9 +259,9 @@ def _check_download(staging, files, artifact):
         if size is not None and local.stat().st_size != size:
             raise FetchError(f"{path} is {local.stat().st_size} bytes after the download, expected {size}")
     try:
-        classifier, metadata = read_model((staging / artifact).read_bytes())
+        classifier, metadata = read_model((staging / artifact).read_bytes(), allow_programs)
     except Exception as exc:  # read_model's ValueErrors, and whatever else torch raises for a broken file
-        raise FetchError(f"{artifact} cannot be served: {first_line(exc)}") from None
+        raise ModelRefused(f"{artifact} cannot be served: {first_line(exc)}") from None
     return classifier, metadata
 
 
@@ -271,13 +280,16 @@ def _install(staging, target, artifact):
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def download_run(run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None, tracking_uri=None, progress=True):
+def download_run(
+    run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None, tracking_uri=None, progress=True, allow_programs=False
+):
     """Download run ``run_id``'s artifacts into ``<models_dir>/<run_id>/`` and return the model file's path.
 
     A no-op (no server contact) when the model file is already there: only checked, complete
     downloads are ever renamed into place. Otherwise it uses ``tracking``, or connects to
     ``tracking_uri`` (default: MLflow's own). ``progress=False`` hides MLflow's progress bar, which
-    is raw terminal output (for a server's log). Raises FetchError, one line, for an unknown run,
+    is raw terminal output (for a server's log). A program (TorchScript) passes the check only with
+    ``allow_programs`` (ALLOW_MODEL_PROGRAMS). Raises FetchError, one line, for an unknown run,
     an unreachable server, refused credentials, a run without ``artifact``, or a failed transfer.
     """
     target_file = local_model_path(models_dir, run_id, artifact)
@@ -312,9 +324,9 @@ def download_run(run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None, tra
         except Exception as exc:  # MlflowException, OSError, and whatever the artifact store's client raises
             raise FetchError(f"downloading run {run_id} failed: {first_line(exc)}") from None
         try:
-            classifier, metadata = _check_download(staging, files, artifact)
+            classifier, metadata = _check_download(staging, files, artifact, allow_programs)
         except FetchError as exc:
-            raise FetchError(f"run {run_id}: {exc}") from None
+            raise type(exc)(f"run {run_id}: {exc}") from None
         try:
             _install(staging, target, artifact)
         except OSError as exc:
@@ -359,27 +371,50 @@ def _artifact_of_version(tracking, version):
     return MODEL_ARTIFACT
 
 
-def fetch_model_uri(uri, models_dir, tracking_uri=None):
+def _registered_version(tracking, uri, name, alias, number):
+    try:
+        if alias:
+            return tracking.client.get_model_version_by_alias(name, alias)
+        return tracking.client.get_model_version(name, number)
+    except Exception as exc:
+        raise _failure(exc, tracking, f"registered model {uri[len('models:/'):]}") from None
+
+
+def alias_version(uri, tracking_uri=None):
+    """The version ``models:/<name>@<alias>`` points at now, as a string (one request, no download)."""
+    kind, name, (alias, number) = _parse_uri(uri)
+    if kind != "models" or not alias:
+        raise FetchError(f"{uri!r} follows no alias")
+    tracking = connect(tracking_uri)
+    return str(_registered_version(tracking, uri, name, alias, number).version)
+
+
+def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False):
     """Fetch the model a ``runs:/`` or ``models:/`` URI names into ``<models_dir>/<run_id>/`` (once).
 
     ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` are resolved to their run on the
     tracking server; a ``runs:/`` URI already on disk needs no server at all. This is the
-    start-up path (the gunicorn master): MLflow's progress bar stays off, as it is not log output.
+    start-up and rollout path (the gunicorn master): MLflow's progress bar stays off, as it is
+    not log output.
     """
     kind, name, detail = _parse_uri(uri)
     if kind == "runs":
-        return FetchedModel(download_run(name, models_dir, detail, tracking_uri=tracking_uri, progress=False), name)
+        path = download_run(
+            name, models_dir, detail, tracking_uri=tracking_uri, progress=False, allow_programs=allow_programs
+        )
+        return FetchedModel(path, name)
     alias, number = detail
     tracking = connect(tracking_uri)
-    try:
-        if alias:
-            version = tracking.client.get_model_version_by_alias(name, alias)
-        else:
-            version = tracking.client.get_model_version(name, number)
-    except Exception as exc:
-        raise _failure(exc, tracking, f"registered model {uri[len('models:/'):]}") from None
+    version = _registered_version(tracking, uri, name, alias, number)
     if not version.run_id:
         raise FetchError(f"{uri}: version {version.version} of {name} has no run to fetch the model from")
-    path = download_run(version.run_id, models_dir, _artifact_of_version(tracking, version), tracking, progress=False)
+    try:
+        path = download_run(
+            version.run_id, models_dir, _artifact_of_version(tracking, version), tracking, progress=False,
+            allow_programs=allow_programs,
+        )
+    except ModelRefused as exc:
+        exc.version = str(version.version)
+        raise
     log.info("%s is version %s of %s, from run %s", uri, version.version, name, version.run_id)
     return FetchedModel(path, version.run_id, name, str(version.version))

@@ -28,6 +28,10 @@ BATCH_SIZE = Histogram(
     "model_batch_size", "Images per batched forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
 PREDICTIONS = Counter("model_predictions_total", "Predictions returned, by label.", ["label"])
+ROLLOUTS = Counter(
+    "model_rollouts_total", "Looks at the model source on reload, by result: swapped, refused, unchanged, failed.",
+    ["result"],
+)
 MODEL_INFO = Gauge(
     "model_info", "The model this worker serves (value 1).", ["model_uuid", "sha256", "device"],
     multiprocess_mode="liveall",
@@ -96,6 +100,17 @@ def init_app(app):
 def record_model(model_uuid, sha256, device):
     """Publish the model-info gauge for this worker."""
     MODEL_INFO.labels(model_uuid or "", sha256, device).set(1)
+
+
+def record_rollout(result):
+    """Count one rollout by its result (swapped, refused, unchanged, failed)."""
+    ROLLOUTS.labels(result).inc()
+
+
+def mark_process_dead(pid, multiprocess_dir):
+    """Drop a dead worker's live gauges from the merged metrics (multiprocess mode only)."""
+    if multiprocess_dir:
+        multiprocess.mark_process_dead(pid, multiprocess_dir)
 
 
 def record_predictions(labels, batch_size, seconds):

@@ -1,38 +1,42 @@
-"""The module-level model registry: loads the served model once per process and owns it.
+"""The model registry: the served model of one app, as an object with named states.
 
-Under gunicorn, :meth:`ModelRegistry.load` runs in the master before it forks (the weights are
-then shared copy-on-write), and :meth:`ModelRegistry.prepare_worker` runs in each worker after
-the fork: thread pools, the device move and the warm-up pass are not fork-safe.
+One :class:`ModelRegistry` lives in each app (``app.extensions["model_registry"]``) and is fed by a
+model source (:mod:`service.sources`). Its states:
+
+- ``empty``: nothing loaded yet;
+- ``loaded``: the model is read and checked on the CPU in this process, but not warmed up here
+  (under gunicorn: the master, which loads before it forks and never serves);
+- ``ready``: moved to its device, warmed up and checked here: it serves;
+- ``failed``: loaded, but its warm-up or parity check failed here: it does not serve.
+
+:meth:`ModelRegistry.refresh` is a rollout: it looks at the source, and a new version (an alias
+moved, a file's content changed) becomes a *candidate*, checked on the CPU (safe load, warm-up
+pass, labels against the network's output, the parity check with ``VERIFY_MODEL_ON_START``)
+before it replaces the served one. A candidate that fails is *refused*: the served model stays,
+and :attr:`ModelRegistry.last_rollout` says which version was refused and why. Each request takes
+one :class:`ServedVersion` and uses it to the end, so a swap never mixes two models in one answer.
 """
 
-import hashlib
-import io
-import json
+import enum
 import logging
-import re
 import threading
 import time
-import warnings
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-from service import architectures
-from service.inference import Classifier, InputSpec
+from config.settings import Settings
+from service import verify
+from service.devices import select_device
+from service.formats import ModelFileError, error_detail, read_model_file
+from service.inference import Classifier
+from service.sources import SourceError, from_config
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_ARCHITECTURE = "digit_cnn"
-TEMPLATE_LABELS = tuple(str(d) for d in range(10))
-TORCHSCRIPT_METADATA = "metadata.json"
-# Where a run keeps its model, as an MLflow artifact path and under models/<run id>/.
-MODEL_ARTIFACT_DIR = "model"
-MODEL_FILE = "model.pt"
-_MODEL_PATH_LAYOUT = re.compile(r"(?:^|/)models/(?P<uuid>[^/]+)/model/[^/]+$")
-_UNPICKLING_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# Where an app keeps its registry: ``app.extensions[EXTENSION]``.
+EXTENSION = "model_registry"
 
 
 class ModelLoadError(ValueError):
@@ -40,325 +44,345 @@ class ModelLoadError(ValueError):
 
 
 class ModelNotReady(RuntimeError):
-    """The model is loaded but must not serve yet (it failed its start-up parity check)."""
+    """The model is loaded but must not serve (it failed its warm-up or parity check here)."""
+
+
+class State(str, enum.Enum):
+    """Where a registry's served model stands in this process."""
+
+    EMPTY = "empty"
+    LOADED = "loaded"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class Outcome(str, enum.Enum):
+    """What a look at the source did."""
+
+    SWAPPED = "swapped"
+    REFUSED = "refused"
+    UNCHANGED = "unchanged"
+    FAILED = "failed"  # the source could not be read (server down...): nothing changed
+
+
+def _now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
-class ModelSource:
-    """Where the served model comes from, as configured."""
+class ServedVersion:
+    """One loaded model: the classifier and what ``/api/v1/model/version`` says of it."""
 
-    path: str | None = None
-    uri: str | None = None
-    uuid: str | None = None
-    models_dir: str = "models"
-    use_cuda: bool = False
-    use_mps: bool = False
-    verify_on_start: bool = False
+    classifier: Classifier
+    info: dict
 
-
-def model_uuid_from_path(path):
-    """Return ``<uuid>`` for a path laid out as ``models/<uuid>/model/<file>``, else None."""
-    match = _MODEL_PATH_LAYOUT.search(Path(path).as_posix())
-    return match.group("uuid") if match else None
+    @property
+    def version(self):
+        """How clients see this model (``X-Model-Version``): the registered version, else the run
+        id, else the start of the file's SHA-256."""
+        return self.info.get("model_version") or self.info.get("model_uuid") or f"sha256:{self.info['sha256'][:12]}"
 
 
-def select_device(use_cuda, use_mps):
-    """Pick CUDA, then MPS, then CPU as allowed and available; return the device and why."""
-    if use_cuda:
-        if torch.cuda.is_available():
-            return torch.device("cuda"), "USE_CUDA is set and CUDA is available"
-        reason = "USE_CUDA is set but CUDA is not available"
-    else:
-        reason = "USE_CUDA is not set"
-    if use_mps:
-        if torch.backends.mps.is_available():
-            return torch.device("mps"), f"{reason}; USE_MPS is set and MPS is available"
-        return torch.device("cpu"), f"{reason}; USE_MPS is set but MPS is not available"
-    return torch.device("cpu"), f"{reason}; USE_MPS is not set"
+@dataclass(frozen=True)
+class Rollout:
+    """The outcome of the last rollout: the version looked at, what happened, and why."""
 
+    outcome: Outcome
+    version: str | None
+    reason: str | None = None
+    at: str = field(default_factory=_now)
 
-def _error_detail(exc):
-    """The telling line of a torch error (they come with advice paragraphs and interpreter traces)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for marker in ("WeightsUnpickler error:", "Unpickler error:"):
-        for i, line in enumerate(lines[:-1]):
-            if line.endswith(marker):
-                return f"{exc.__class__.__name__}: {lines[i + 1]}"[:300]
-    if not lines:
-        return exc.__class__.__name__
-    # TorchScript errors end with the original exception; others state it first.
-    line = lines[-1] if "Traceback of TorchScript" in str(exc) else f"{exc.__class__.__name__}: {lines[0]}"
-    return line[:300]
-
-
-def _is_torchscript(data):
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = archive.namelist()
-    except zipfile.BadZipFile:
-        return False
-    return any("/code/" in name or name.endswith("constants.pkl") for name in names)
-
-
-def _input_spec(metadata):
-    shape = metadata.get("input_shape", (1, 28, 28))
-    if len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1:
-        raise ValueError(f"input_shape must be [channels (1 or 3), height, width], got {shape!r}")
-    normalize = metadata.get("normalize") or {}
-    mean, std = normalize.get("mean"), normalize.get("std")
-    if (mean is None) != (std is None):
-        raise ValueError("normalize needs both mean and std")
-    if mean is not None:
-        if len(mean) != shape[0] or len(std) != shape[0] or any(s == 0 for s in std):
-            raise ValueError(f"normalize mean and std need {shape[0]} values each, std non-zero")
-        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    return InputSpec(int(shape[0]), int(shape[1]), int(shape[2]), mean, std)
-
-
-def _labels(metadata):
-    labels = metadata.get("labels", TEMPLATE_LABELS)
-    if not labels or not all(isinstance(label, (str, int)) for label in labels):
-        raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
-    return tuple(str(label) for label in labels)
-
-
-def _load_torchscript(data):
-    extra = {TORCHSCRIPT_METADATA: ""}
-    with warnings.catch_warnings():
-        # TorchScript is deprecated upstream but is a format this service serves: no warning per start.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
-    if not extra[TORCHSCRIPT_METADATA]:
-        raise ValueError(f"TorchScript archive has no {TORCHSCRIPT_METADATA} with labels and input_shape")
-    metadata = json.loads(extra[TORCHSCRIPT_METADATA])
-    if "labels" not in metadata or "input_shape" not in metadata:
-        raise ValueError(f"TorchScript {TORCHSCRIPT_METADATA} must give labels and input_shape")
-    metadata.setdefault("architecture", f"torchscript:{module.original_name}")
-    return module, metadata
-
-
-def _load_checkpoint(data):
-    try:
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        # weights_only refuses any global it does not know: that is the point.
-        refused = _UNPICKLING_GLOBAL.search(str(exc))
-        if refused:
-            raise ValueError(
-                f"refused: the file is not a plain weights file and loading it would need arbitrary "
-                f"unpickling (it references {refused.group(1)})"
-            ) from None
-        raise ValueError(
-            f"not a model file: neither a TorchScript archive nor a PyTorch weights file, or it is corrupt "
-            f"({_error_detail(exc)})"
-        ) from None
-    if isinstance(checkpoint, dict) and "model_state_dict" in checkpoint:
-        state_dict, metadata = checkpoint["model_state_dict"], checkpoint.get("metadata") or {}
-    elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        state_dict, metadata = checkpoint, {}
-    else:
-        raise ValueError(
-            "unrecognised checkpoint: expected a state_dict, a dict with 'model_state_dict' "
-            "(and optional 'metadata'), or a TorchScript archive"
-        )
-    if not isinstance(metadata, dict):
-        raise ValueError("the checkpoint's 'metadata' must be a dict")
-    metadata.setdefault("architecture", TEMPLATE_ARCHITECTURE)
-    module = architectures.build(metadata["architecture"], num_classes=len(_labels(metadata)))
-    fixed_shape = getattr(module, "input_shape", None)
-    if fixed_shape is not None:
-        # A network with a fixed input size fails on any other only at its first forward pass,
-        # which under gunicorn is the worker's warm-up: say so now, in one line.
-        shape = metadata.setdefault("input_shape", list(fixed_shape))
-        if not isinstance(shape, (list, tuple)) or list(shape) != list(fixed_shape):
-            raise ValueError(
-                f"input_shape {shape!r} does not fit architecture {metadata['architecture']!r}, "
-                f"which takes {list(fixed_shape)}"
-            )
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise ValueError(f"weights do not fit architecture {metadata['architecture']!r}: {detail[:300]}") from None
-    # Channels-last weights make CPU convolutions and pooling faster (a fifth of a one-image
-    # forward pass), with results equal up to float rounding. Only for our own architectures,
-    # which reshape rather than view their activations; a TorchScript model is left as it is.
-    module.to(memory_format=torch.channels_last)
-    return module, metadata
-
-
-def read_model(data):
-    """Build a CPU :class:`Classifier` and its metadata from the bytes of a model file.
-
-    Raises ValueError, saying why in one line, for anything that is not a model it can serve.
-    """
-    if not data:
-        raise ValueError("the file is empty")
-    try:
-        module, metadata = _load_torchscript(data) if _is_torchscript(data) else _load_checkpoint(data)
-        module.eval()
-        return Classifier(module, _labels(metadata), _input_spec(metadata)), metadata
-    except ValueError:
-        raise
-    except Exception as exc:  # torch and TorchScript raise many types for malformed archives
-        raise ValueError(f"cannot load model: {_error_detail(exc)}") from None
+    def as_dict(self):
+        """The rollout as ``/api/v1/model/version`` shows it."""
+        return {"result": self.outcome.value, "version": self.version, "reason": self.reason, "at": self.at}
 
 
 class ModelRegistry:
-    """Holds the one model this process serves, with its provenance and readiness."""
+    """The served model of one app: load, prepare, serve, and swap or refuse new versions."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.source = ModelSource()
-        self._reset()
-
-    def _reset(self):
-        self.classifier = None
-        self.info = {}
-        self.prepared = False
+    def __init__(
+        self, source=None, *, use_cuda=False, use_mps=False, verify_on_start=False, allow_programs=False,
+        max_file_size=Settings.MAX_MODEL_FILE_SIZE, poll_seconds=0,
+    ):
+        self.source = source
+        self.use_cuda, self.use_mps = use_cuda, use_mps
+        self.verify_on_start = verify_on_start
+        self.allow_programs = allow_programs
+        self.max_file_size = max_file_size
+        self.poll_seconds = poll_seconds
+        self.state = State.EMPTY
+        self.current = None
         self.problem = "no model loaded yet"
+        self.last_rollout = None
+        self.threads = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_config(cls, config):
+        """A registry for an app's settings (PRED_MODEL_PATH or PRED_MODEL_URI and the model options)."""
+        return cls(
+            from_config(config),
+            use_cuda=bool(config.get("USE_CUDA")),
+            use_mps=bool(config.get("USE_MPS")),
+            verify_on_start=bool(config.get("VERIFY_MODEL_ON_START")),
+            allow_programs=bool(config.get("ALLOW_MODEL_PROGRAMS")),
+            max_file_size=config.get("MAX_MODEL_FILE_SIZE") or Settings.MAX_MODEL_FILE_SIZE,
+            poll_seconds=config.get("PRED_MODEL_POLL_SECONDS", Settings.PRED_MODEL_POLL_SECONDS),
+        )
+
+    # -- what a request asks ------------------------------------------------------------------
 
     @property
     def ready(self):
         """True once this process has loaded and warmed up the model and it passed its checks."""
-        return self.prepared and self.problem is None
+        return self.state is State.READY
 
-    def configure(self, config):
-        """Take the model settings from an app's config; forget a model loaded for other settings."""
-        path = config.get("PRED_MODEL_PATH")
-        source = ModelSource(
-            path=path,
-            uri=config.get("PRED_MODEL_URI"),
-            uuid=config.get("PRED_MODEL_UUID") or (path and model_uuid_from_path(path)),
-            models_dir=config.get("MODELS_DIR", "models"),
-            use_cuda=config.get("USE_CUDA", False),
-            use_mps=config.get("USE_MPS", False),
-            verify_on_start=config.get("VERIFY_MODEL_ON_START", False),
-        )
-        with self._lock:
-            if source != self.source:
-                self.source = source
-                self._reset()
+    @property
+    def info(self):
+        """What is served (empty before a model is loaded), with the last rollout's outcome."""
+        return self.describe(self.current) if self.current is not None else {}
+
+    def describe(self, served):
+        """``served``'s identity with the outcome of the last rollout, as ``/api/v1/model/version`` shows it."""
+        if self.last_rollout is None:
+            return served.info
+        return {**served.info, "rollout": self.last_rollout.as_dict()}
+
+    def get(self):
+        """Return the :class:`ServedVersion` to answer one request with, preparing it here if need be.
+
+        Raises ModelLoadError when the model cannot be loaded, ModelNotReady when it failed a check.
+        """
+        current = self.current
+        if self.state is State.READY and current is not None:
+            return current
+        self.prepare_worker()
+        if self.state is not State.READY:
+            raise ModelNotReady(self.problem)
+        return self.current
+
+    # -- state changes ------------------------------------------------------------------------
 
     def load(self):
-        """Load the configured model on the CPU; raise ModelLoadError naming the setting at fault."""
+        """empty -> loaded: read the configured model on the CPU; raise ModelLoadError naming the setting."""
         with self._lock:
-            if self.classifier is None:
+            if self.current is None:
                 try:
-                    self._load()
+                    self.current = self._read()
                 except ModelLoadError as exc:
                     self.problem = str(exc)  # what /health/ready reports
                     raise
-        return self.classifier
-
-    def _resolve(self):
-        """Return (path, setting name, provenance) for the configured source, fetching it if remote."""
-        if self.source.path:
-            return Path(self.source.path), "PRED_MODEL_PATH", {"model_uuid": self.source.uuid}
-        if self.source.uri:
-            from service import mlflow_store
-
-            try:
-                fetched = mlflow_store.fetch_model_uri(self.source.uri, self.source.models_dir)
-            except mlflow_store.FetchError as exc:
-                raise ModelLoadError(f"PRED_MODEL_URI: {exc}") from None
-            provenance = {
-                "model_uuid": self.source.uuid or fetched.run_id,
-                "model_uri": self.source.uri,
-                "model_name": fetched.model_name,
-                "model_version": fetched.model_version,
-            }
-            return Path(fetched.path), "PRED_MODEL_URI", provenance
-        raise ModelLoadError("PRED_MODEL_PATH: not set (nor PRED_MODEL_URI): no model to serve")
-
-    def _load(self):
-        path, setting, provenance = self._resolve()
-        started = time.perf_counter()
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ModelLoadError(f"{setting}: {path} does not exist") from None
-        except IsADirectoryError:
-            raise ModelLoadError(f"{setting}: {path} is a directory, expected a model file") from None
-        except OSError as exc:
-            raise ModelLoadError(f"{setting}: cannot read {path}: {exc.strerror}") from None
-        try:
-            classifier, metadata = read_model(data)
-        except ValueError as exc:
-            raise ModelLoadError(f"{setting}: {path}: {exc}") from None
-        self.classifier = classifier
-        self.info = {
-            **provenance,
-            "model_path": str(path),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "architecture": metadata["architecture"],
-            "labels": list(classifier.labels),
-            "input_shape": list(classifier.input_spec.shape),
-            "device": "cpu",
-            "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        self.problem = "the model is loaded but this worker has not warmed it up yet"
-        log.info(
-            "loaded %s (%s, sha256 %s) in %.1f ms",
-            path, metadata["architecture"], self.info["sha256"][:12], (time.perf_counter() - started) * 1000,
-        )
+                self.state = State.LOADED
+                self.problem = "the model is loaded but this worker has not warmed it up yet"
+            return self.current
 
     def prepare_worker(self, threads=None):
-        """In a serving process: set torch threads, move the model to its device, warm it up."""
-        if threads:
-            torch.set_num_threads(threads)
-        classifier = self.load()
+        """loaded -> ready (or failed): in a serving process, set torch threads, move the model to
+        its device and warm it up, then run the parity check if asked for.
+
+        Raises ModelLoadError when the model cannot be loaded or the warm-up fails.
+        """
         with self._lock:
-            if self.prepared:
-                return classifier
-            device, why = select_device(self.source.use_cuda, self.source.use_mps)
-            log.info("serving on %s: %s; %d torch thread(s)", device, why, torch.get_num_threads())
-            started = time.perf_counter()
+            if threads:
+                self.threads = threads
+                torch.set_num_threads(threads)
+            self.load()
+            if self.state is State.LOADED:
+                self._prepare(self.current)
+            return self.current
+
+    def after_fork(self):
+        """In a process just forked from one whose other threads may have held the lock: a fresh lock."""
+        self._lock = threading.RLock()
+
+    def refresh(self):
+        """A rollout: look at the source and serve a new version if there is one and it passes its checks.
+
+        Returns the :class:`Rollout`. In a process that serves (``ready``), the new version is
+        prepared here before it is swapped in; elsewhere (the gunicorn master) it stays ``loaded``
+        for the workers forked next to prepare.
+        """
+        with self._lock:
+            if self.current is None:
+                self.load()
+                return self._record(Rollout(Outcome.SWAPPED, self.current.version))
             try:
-                classifier.module.to(device)
-                classifier.device = device
-                self.info["device"] = str(device)
-                classifier.warm_up()
-            except Exception as exc:
-                # e.g. metadata giving an input size the network does not take, or a device out of memory
-                setting = "PRED_MODEL_PATH" if self.source.path else "PRED_MODEL_URI"
-                self.problem = (
-                    f"{setting}: {self.info.get('model_path')}: the warm-up forward pass on a "
-                    f"{list(classifier.input_spec.shape)} input on {device} failed ({_error_detail(exc)})"
+                located = self.source.locate()
+            except SourceError as exc:
+                if exc.refused:
+                    log.error("rollout: refused %s, still serving %s: %s", exc.version, self.current.version, exc)
+                    return self._record(Rollout(Outcome.REFUSED, exc.version, str(exc)))
+                log.error("rollout: cannot look at the model source, still serving %s: %s", self.current.version, exc)
+                return self._record(Rollout(Outcome.FAILED, None, str(exc)))
+            try:
+                candidate = self._read_located(located)
+            except ModelFileError as exc:
+                version = located.provenance.get("model_version") or located.provenance.get("model_uuid")
+                log.error("rollout: refused %s, still serving %s: %s", version, self.current.version, exc)
+                return self._record(Rollout(Outcome.REFUSED, version, f"{self.source.setting}: {exc}"))
+            if candidate.info["sha256"] == self.current.info["sha256"] and candidate.version == self.current.version:
+                log.info("rollout: %s is still the model to serve", self.current.version)
+                return Rollout(Outcome.UNCHANGED, candidate.version)
+            problem = self.check(candidate)
+            if problem:
+                log.error(
+                    "rollout: refused %s, still serving %s: %s", candidate.version, self.current.version, problem
                 )
-                raise ModelLoadError(self.problem) from None
-            log.info("warm-up forward pass took %.1f ms", (time.perf_counter() - started) * 1000)
-            self.problem = self._verify(classifier)
-            self.prepared = True
-        return classifier
+                return self._record(Rollout(Outcome.REFUSED, candidate.version, problem))
+            return self._record(self._swap(candidate))
 
-    def _verify(self, classifier):
-        """With VERIFY_MODEL_ON_START, return why the model fails its parity check (None if it passes)."""
-        if not self.source.verify_on_start:
-            return None
-        from service import verify
-
+    def check(self, candidate):
+        """Why ``candidate`` must not serve (None when it may): a warm-up pass on the CPU that also
+        checks the network's output against the labels, and the parity check with VERIFY_MODEL_ON_START."""
+        started = time.perf_counter()
         try:
-            report = verify.verify_classifier(classifier, self.info.get("model_uuid"))
-        except Exception as exc:  # a check that cannot run has not passed; the worker stays unready
+            candidate.classifier.warm_up()
+        except Exception as exc:  # a network that does not take its input shape, or an output/labels mismatch
+            return (
+                f"the warm-up forward pass on a {list(candidate.classifier.input_spec.shape)} input failed "
+                f"({error_detail(exc)})"
+            )
+        log.info("rollout: %s passed its warm-up pass in %.1f ms", candidate.version, (time.perf_counter() - started) * 1000)
+        return self._parity_problem(candidate)
+
+    def pending_version(self):
+        """The version the source points at when it differs from the served one and was not
+        refused already; else None. Asks the source (one request for an alias), nothing more."""
+        try:
+            pointed = self.source.peek() if self.source is not None else None
+        except SourceError as exc:
+            log.warning("cannot look for a new model: %s", exc)
+            return None
+        current, last = self.current, self.last_rollout
+        if pointed is None or current is None or pointed == current.version:
+            return None
+        if last is not None and last.outcome is Outcome.REFUSED and last.version == pointed:
+            return None
+        return pointed
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _read(self):
+        """Locate and read the source's model on the CPU into a new :class:`ServedVersion`."""
+        located = self._locate()
+        try:
+            return self._read_located(located)
+        except ModelFileError as exc:
+            raise ModelLoadError(f"{self.source.setting}: {exc}") from None
+
+    def _locate(self):
+        if self.source is None:
+            raise ModelLoadError("PRED_MODEL_PATH: not set (nor PRED_MODEL_URI): no model to serve")
+        try:
+            return self.source.locate()
+        except SourceError as exc:
+            raise ModelLoadError(str(exc)) from None
+
+    def _read_located(self, located):
+        started = time.perf_counter()
+        model = read_model_file(located.path, self.allow_programs, self.max_file_size)
+        info = {
+            **located.provenance,
+            "model_path": str(located.path),
+            "sha256": model.sha256,
+            "architecture": model.metadata["architecture"],
+            "labels": list(model.classifier.labels),
+            "input_shape": list(model.classifier.input_spec.shape),
+            "device": "cpu",
+            "loaded_at": _now(),
+        }
+        log.info(
+            "loaded %s (%s, sha256 %s) in %.1f ms",
+            located.path, info["architecture"], model.sha256[:12], (time.perf_counter() - started) * 1000,
+        )
+        return ServedVersion(model.classifier, info)
+
+    def _prepare(self, served, parity=True):
+        """Move ``served`` to its device, warm it up and check it; the registry becomes ready or failed."""
+        device, why, fell_back = select_device(self.use_cuda, self.use_mps)
+        (log.warning if fell_back else log.info)(
+            "serving on %s: %s; %d torch thread(s)", device, why, torch.get_num_threads()
+        )
+        classifier = served.classifier
+        started = time.perf_counter()
+        try:
+            classifier.module.to(device)
+            classifier.device = device
+            served.info["device"] = str(device)
+            classifier.warm_up()
+        except Exception as exc:
+            # e.g. metadata giving an input size the network does not take, or a device out of memory
+            self.state = State.FAILED
+            self.problem = (
+                f"{self.source.setting}: {served.info.get('model_path')}: the warm-up forward pass on a "
+                f"{list(classifier.input_spec.shape)} input on {device} failed ({error_detail(exc)})"
+            )
+            raise ModelLoadError(self.problem) from None
+        log.info("warm-up forward pass took %.1f ms", (time.perf_counter() - started) * 1000)
+        problem = self._parity_problem(served) if parity else None
+        self.state, self.problem = (State.FAILED, problem) if problem else (State.READY, None)
+
+    def _parity_problem(self, served):
+        """With VERIFY_MODEL_ON_START, why the model fails its parity check (None if it passes)."""
+        if not self.verify_on_start:
+            return None
+        try:
+            report = verify.verify_classifier(served.classifier, served.info.get("model_uuid"))
+        except Exception as exc:  # a check that cannot run has not passed
             log.exception("parity check could not run")
-            return f"parity check could not run: {_error_detail(exc)}"
+            return f"parity check could not run: {error_detail(exc)}"
         if report.ok:
             log.info("parity check passed: %s", report.summary)
             return None
         log.error("parity check failed: %s", report.summary)
         return f"parity check failed: {report.summary}"
 
-    def get(self):
-        """Return the ready classifier, loading and warming it up in this process if need be.
+    def _swap(self, candidate):
+        """Serve ``candidate`` from now on; the old version is released once no request holds it."""
+        previous, serving = self.current, self.state is State.READY
+        if serving:
+            try:
+                self._prepare(candidate, parity=False)  # check() ran it already
+            except ModelLoadError as exc:
+                self.state, self.problem = State.READY, None  # the served model is untouched
+                return Rollout(Outcome.REFUSED, candidate.version, str(exc))
+            if self.state is not State.READY:
+                problem, self.state, self.problem = self.problem, State.READY, None
+                return Rollout(Outcome.REFUSED, candidate.version, problem)
+        self.current = candidate
+        log.info("rollout: now serving %s (was %s)", candidate.version, previous.version)
+        return Rollout(Outcome.SWAPPED, candidate.version)
 
-        Raises ModelLoadError when the model cannot be loaded, ModelNotReady when it failed a check.
-        """
-        if not self.prepared:
-            self.prepare_worker()
-        if self.problem is not None:
-            raise ModelNotReady(self.problem)
-        return self.classifier
+    def _record(self, rollout):
+        self.last_rollout = rollout
+        return rollout
 
 
-registry = ModelRegistry()
+class AliasWatcher(threading.Thread):
+    """Every ``interval`` seconds, ask the registry's source where its alias points; call ``notify``
+    when it points at a version that is neither served nor already refused.
+
+    Under gunicorn it runs in the master, and ``notify`` sends the master SIGHUP: the rollout
+    itself (fetch, checks, swap) then happens in the master's main thread, where nothing forks
+    at the same time. It only makes requests to the tracking server; it never touches torch.
+    """
+
+    def __init__(self, registry, interval, notify):
+        super().__init__(name="model-alias-watcher", daemon=True)
+        self.registry, self.interval, self.notify = registry, interval, notify
+        self._stopped = threading.Event()
+
+    def run(self):
+        while not self._stopped.wait(self.interval):
+            try:
+                pending = self.registry.pending_version()
+            except Exception:  # never let the watcher die: the next look may work
+                log.exception("looking for a new model failed")
+                continue
+            if pending is not None:
+                log.info("the model source now points at %s: rolling it out", pending)
+                self.notify()
+
+    def stop(self):
+        """Stop after the current look (if any)."""
+        self._stopped.set()

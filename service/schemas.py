@@ -51,6 +51,15 @@ class PredictResponseSchema(ma.Schema):
     data = ma.fields.List(ma.fields.Nested(PredictionSchema), required=True)
 
 
+class RolloutSchema(ma.Schema):
+    """The outcome of the last rollout (a look at the model source on reload or when its alias moved)."""
+
+    result = ma.fields.String(metadata={"description": "swapped, refused or failed (the source could not be read)."})
+    version = ma.fields.String(allow_none=True, metadata={"description": "The version looked at."})
+    reason = ma.fields.String(allow_none=True, metadata={"description": "Why it was refused or failed."})
+    at = ma.fields.String(metadata={"description": "When (UTC, ISO 8601)."})
+
+
 class ModelVersionSchema(ma.Schema):
     """What is being served, and where it came from."""
 
@@ -65,6 +74,9 @@ class ModelVersionSchema(ma.Schema):
     model_uri = ma.fields.String(allow_none=True, metadata={"description": "PRED_MODEL_URI, when served from MLflow."})
     model_name = ma.fields.String(allow_none=True, metadata={"description": "Registered model name, if any."})
     model_version = ma.fields.String(allow_none=True, metadata={"description": "Registered model version, if any."})
+    rollout = ma.fields.Nested(
+        RolloutSchema, metadata={"description": "The last rollout's outcome; absent until the first rollout."}
+    )
 
 
 class VersionResponseSchema(ma.Schema):

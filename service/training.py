@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from service.architectures import DigitCNN
 from service.inference import InputSpec, preprocess
-from service.registry import MODEL_ARTIFACT_DIR, MODEL_FILE, TEMPLATE_ARCHITECTURE, TEMPLATE_LABELS
+from service.formats import MODEL_ARTIFACT_DIR, MODEL_FILE, TEMPLATE_ARCHITECTURE, TEMPLATE_LABELS
 
 log = logging.getLogger(__name__)
 

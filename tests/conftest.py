@@ -3,7 +3,6 @@
 import pytest
 
 from service import create_app
-from service.registry import registry
 from tests.support import SERVICE_VARIABLES, write_template_checkpoint
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -25,9 +24,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def app(tiny_checkpoint):
-    app = create_app({"TESTING": True, "PRED_MODEL_PATH": str(tiny_checkpoint)})
-    yield app
-    registry.configure({})  # the registry is per process: leave it empty for the next test
+    return create_app({"TESTING": True, "PRED_MODEL_PATH": str(tiny_checkpoint)})
 
 
 @pytest.fixture
@@ -42,8 +39,7 @@ def make_app(tiny_checkpoint):
     def make(**config):
         return create_app({"TESTING": True, "PRED_MODEL_PATH": str(tiny_checkpoint), **config})
 
-    yield make
-    registry.configure({})
+    return make
 
 
 TRAINED_RUN_ID = "fedcba9876543210fedcba9876543210"

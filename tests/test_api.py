@@ -12,7 +12,6 @@ from flask import request
 from werkzeug.test import EnvironBuilder
 
 from config.settings import ConfigError, Settings, from_env, server_from_env
-from service.registry import registry
 from tests import images
 from tests.support import digit_batch, template_probabilities
 
@@ -85,8 +84,9 @@ def test_the_same_filename_twice_is_two_predictions(client):
     assert [item["image_filename"] for item in response.json["data"]] == ["same.png", "same.png"]
 
 
-def test_all_images_of_a_request_go_through_one_forward_pass(client, monkeypatch):
-    module = registry.get().module  # loaded and warmed up: its warm-up pass is not counted
+def test_all_images_of_a_request_go_through_one_forward_pass(app, client, monkeypatch):
+    # loaded and warmed up: its warm-up pass is not counted
+    module = app.extensions["model_registry"].get().classifier.module
     batches = []
     real_forward = module.forward
 
@@ -330,7 +330,7 @@ def test_unknown_paths_and_methods_are_json(client):
 def test_an_unexpected_error_is_a_json_500_and_its_traceback_is_logged(make_app, monkeypatch, caplog):
     app = make_app(PROPAGATE_EXCEPTIONS=False)  # as in production: TESTING would re-raise it here
     client = app.test_client()
-    module = registry.get().module
+    module = app.extensions["model_registry"].get().classifier.module
 
     def broken_forward(batch):
         raise RuntimeError("secret internal detail")

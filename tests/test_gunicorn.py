@@ -12,7 +12,7 @@ import torch
 
 from service.architectures import DigitCNN
 from service.inference import decode_image
-from service.registry import read_model
+from service.formats import read_model
 from tests import images
 from tests.support import BIN, ROOT, SERVICE_VARIABLES, run_gunicorn, write_template_checkpoint
 
@@ -173,7 +173,7 @@ def test_a_model_that_fails_its_warm_up_stops_start_up(tmp_path):
     path = tmp_path / "model.pt"
     metadata = {"labels": [str(d) for d in range(10)], "input_shape": [1, 32, 32]}
     torch.jit.save(torch.jit.script(DigitCNN()), str(path), _extra_files={"metadata.json": json.dumps(metadata)})
-    status, log = failed_start(tmp_path, {"PRED_MODEL_PATH": path})
+    status, log = failed_start(tmp_path, {"PRED_MODEL_PATH": path, "ALLOW_MODEL_PROGRAMS": "1"})
     assert_one_clear_line(status, log, "PRED_MODEL_PATH", "warm-up", "[1, 32, 32]")
 
 

@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from config.settings import child_environment
 from service import create_app, demo, mlflow_store
 from service.inference import decode_image
-from service.registry import ModelLoadError, ModelRegistry, read_model, registry
+from service.formats import read_model
+from service.registry import ModelLoadError, ModelRegistry
 from service.verify import held_out_pngs
 from tests.support import BIN, ROOT, free_port, run_gunicorn, stop, wait_until_ready, write_template_checkpoint
 
@@ -117,10 +118,7 @@ def flask_model_in_process(monkeypatch, *args, env):
         else:
             monkeypatch.setenv(key, str(value))
     app = create_app({"TESTING": True, "MODELS_DIR": env["MODELS_DIR"]})
-    try:
-        result = app.test_cli_runner().invoke(args=["model", *args])
-    finally:
-        registry.configure({})
+    result = app.test_cli_runner().invoke(args=["model", *args])
     # the shape of subprocess.run's result, so that both kinds are checked alike
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
@@ -484,8 +482,7 @@ def test_an_interrupted_download_leaves_nothing_that_is_served(tracking_url, tra
     assert not list(models_dir.iterdir())  # no half-download left behind either
 
     # Serving the path the download would have filled fails to start: no half model is served.
-    models = ModelRegistry()
-    models.configure({"PRED_MODEL_PATH": str(models_dir / trained_run / "model" / "model.pt")})
+    models = ModelRegistry.from_config({"PRED_MODEL_PATH": str(models_dir / trained_run / "model" / "model.pt")})
     with pytest.raises(ModelLoadError, match="does not exist"):
         models.load()
 
@@ -496,10 +493,7 @@ def test_an_interrupted_download_leaves_nothing_that_is_served(tracking_url, tra
 
 def test_the_cli_commands_are_registered_with_the_app():
     app = create_app({"TESTING": True})
-    try:
-        result = app.test_cli_runner().invoke(args=["model", "--help"])
-    finally:
-        registry.configure({})
+    result = app.test_cli_runner().invoke(args=["model", "--help"])
     assert result.exit_code == 0
     for command in ("download", "train", "verify", "serve", "tracking-server", "inspect"):
         assert command in result.output
@@ -507,9 +501,6 @@ def test_the_cli_commands_are_registered_with_the_app():
 
 def test_alias_without_a_registered_name_is_refused():
     app = create_app({"TESTING": True})
-    try:
-        result = app.test_cli_runner().invoke(args=["model", "train", "--alias", "x"])
-    finally:
-        registry.configure({})
+    result = app.test_cli_runner().invoke(args=["model", "train", "--alias", "x"])
     assert result.exit_code == 2
     assert "--alias needs --register-name" in result.output

@@ -1,4 +1,4 @@
-"""The model registry: every model format it serves, the files it refuses, devices and provenance."""
+"""The model registry: every model format it serves, the files it refuses, devices, provenance and rollouts."""
 
 import hashlib
 import io
@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import time
 from datetime import datetime
 
 import pytest
@@ -16,7 +17,10 @@ from torch import nn
 from config.settings import from_env
 from service.architectures import DigitCNN
 from service.inference import InputSpec, decode_image
-from service.registry import ModelLoadError, ModelRegistry, model_uuid_from_path, read_model, select_device
+from service import formats
+from service.devices import select_device
+from service.formats import model_uuid_from_path
+from service.registry import AliasWatcher, ModelLoadError, ModelRegistry, Outcome, State
 from tests import images
 from tests.conftest import RUN_ID
 from tests.support import digit_batch, encode, template_probabilities, write_template_checkpoint
@@ -40,12 +44,21 @@ def probabilities_by_label(prediction, labels):
     return torch.tensor([ranked[label] for label in labels])
 
 
+def read_model(data):
+    """Read a model file's bytes, programs (TorchScript) allowed: the test models include some."""
+    return formats.read_model(data, allow_programs=True)
+
+
+def registry_for(path, **settings):
+    """A registry of its own for ``path``, as an app makes one (programs allowed)."""
+    return ModelRegistry.from_config({"PRED_MODEL_PATH": str(path), "ALLOW_MODEL_PROGRAMS": True, **settings})
+
+
 def load(path, **settings):
     """Load ``path`` through a registry of its own, as a serving process does."""
-    source = ModelRegistry()
-    source.configure({"PRED_MODEL_PATH": str(path), **settings})
-    source.get()
-    return source
+    served = registry_for(path, **settings)
+    served.get()
+    return served
 
 
 class ColourNet(nn.Module):
@@ -149,12 +162,11 @@ def test_torchscript_metadata_must_give_labels_and_input_shape(tmp_path):
 def test_torchscript_metadata_that_does_not_fit_the_network_stops_at_warm_up(tmp_path):
     metadata = {"labels": ["red", "green", "blue", "grey"], "input_shape": [3, 32, 32]}
     path = write_torchscript(tmp_path / "four.pt", metadata)
-    served = ModelRegistry()
-    served.configure({"PRED_MODEL_PATH": str(path)})
+    served = registry_for(path)
     served.load()  # the archive itself is fine...
     with pytest.raises(ModelLoadError, match=r"PRED_MODEL_PATH: .*four\.pt: .*3 classes but the model has 4 labels"):
         served.get()  # ...but its first forward pass shows the metadata is wrong
-    assert not served.ready
+    assert not served.ready and served.state is State.FAILED
     assert "warm-up forward pass" in served.problem  # what /health/ready says
 
 
@@ -351,22 +363,22 @@ def no_accelerator(monkeypatch):
 
 
 def test_cpu_when_no_accelerator_is_asked_for():
-    device, why = select_device(False, False)
+    device, why, _ = select_device(False, False)
     assert device == torch.device("cpu")
     assert "USE_CUDA is not set" in why and "USE_MPS is not set" in why
 
 
 def test_use_cuda_without_cuda_falls_back_to_cpu_and_says_why(no_accelerator):
-    device, why = select_device(True, False)
+    device, why, _ = select_device(True, False)
     assert device == torch.device("cpu")
     assert "USE_CUDA is set but CUDA is not available" in why
 
 
 def test_use_mps_without_mps_falls_back_to_cpu_and_says_why(no_accelerator):
-    device, why = select_device(False, True)
+    device, why, _ = select_device(False, True)
     assert device == torch.device("cpu")
     assert "USE_MPS is set but MPS is not available" in why
-    device, why = select_device(True, True)
+    device, why, _ = select_device(True, True)
     assert device == torch.device("cpu")
     assert "CUDA is not available" in why and "MPS is not available" in why
 
@@ -377,13 +389,13 @@ def test_cuda_is_preferred_then_mps(monkeypatch):
     assert select_device(True, True)[0] == torch.device("cuda")
     assert select_device(False, True)[0] == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    device, why = select_device(True, True)
+    device, why, _ = select_device(True, True)
     assert device == torch.device("mps")
     assert "CUDA is not available" in why
 
 
 def test_real_cuda_availability_is_honoured():
-    device, _ = select_device(True, False)
+    device, _, _ = select_device(True, False)
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -441,13 +453,13 @@ def test_the_model_uuid_is_derived_from_a_relative_path_in_the_environment(monke
     store = tiny_checkpoint.parents[3]  # .../store, holding models/<run_id>/model/model.pt
     monkeypatch.chdir(store)
     settings = from_env({"PRED_MODEL_PATH": f"models/{RUN_ID}/model/model.pt"})
-    served = ModelRegistry()
-    served.configure(settings.as_config())
+    served = ModelRegistry.from_config(settings.as_config())
     served.get()
     assert served.info["model_uuid"] == RUN_ID
     assert served.info["model_path"] == str(tiny_checkpoint)
-    explicit = ModelRegistry()
-    explicit.configure(from_env({"PRED_MODEL_PATH": str(tiny_checkpoint), "PRED_MODEL_UUID": "mine"}).as_config())
+    explicit = ModelRegistry.from_config(
+        from_env({"PRED_MODEL_PATH": str(tiny_checkpoint), "PRED_MODEL_UUID": "mine"}).as_config()
+    )
     explicit.get()
     assert explicit.info["model_uuid"] == "mine"
 
@@ -471,20 +483,181 @@ def test_the_registry_records_what_it_serves(tiny_checkpoint):
 
 
 def test_a_registry_is_not_ready_until_warmed_up(tiny_checkpoint):
-    served = ModelRegistry()
-    served.configure({"PRED_MODEL_PATH": str(tiny_checkpoint)})
-    assert not served.ready
+    served = registry_for(tiny_checkpoint)
+    assert not served.ready and served.state is State.EMPTY
     served.load()
-    assert not served.ready and "warmed it up" in served.problem
+    assert not served.ready and served.state is State.LOADED and "warmed it up" in served.problem
     served.prepare_worker(threads=torch.get_num_threads())
-    assert served.ready
+    assert served.ready and served.state is State.READY
 
 
-def test_new_settings_replace_the_loaded_model(tmp_path, tiny_checkpoint):
+def test_two_apps_in_one_process_never_share_a_model(make_app, tmp_path):
+    other = write_template_checkpoint(tmp_path / "other.pt", seed=9)
+    first, second = make_app(), make_app(PRED_MODEL_PATH=str(other))
+    first_version = first.test_client().get("/api/v1/model/version").json["data"]
+    second_version = second.test_client().get("/api/v1/model/version").json["data"]
+    assert first_version["sha256"] != second_version["sha256"]
+    assert first.extensions["model_registry"] is not second.extensions["model_registry"]
+
+
+def test_a_program_is_refused_unless_programs_are_allowed(tmp_path):
+    path = write_torchscript(tmp_path / "colour.pt", COLOUR_METADATA)
+    with pytest.raises(ModelLoadError, match=r"TorchScript archive is a program .*ALLOW_MODEL_PROGRAMS=1"):
+        ModelRegistry.from_config({"PRED_MODEL_PATH": str(path)}).load()
+    assert load(path).info["architecture"] == "torchscript:ColourNet"  # with ALLOW_MODEL_PROGRAMS
+
+
+def test_a_fifo_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer for ever
+    assert "not a regular file" in refused(fifo)
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tiny_checkpoint):
+    message = refused_with(tiny_checkpoint, MAX_MODEL_FILE_SIZE=1000)
+    assert "over the limit of 1000 (MAX_MODEL_FILE_SIZE)" in message
+
+
+def refused_with(path, **settings):
+    with pytest.raises(ModelLoadError) as caught:
+        load(path, **settings)
+    return str(caught.value)
+
+
+# -- rollouts: every state change, without gunicorn ---------------------------------------------
+
+
+def predict_one(served_version):
+    """What one request does with the version it took: classify a digit."""
+    decoded = decode_image(images.png(0), "0.png", 10**8)
+    return served_version.classifier.predict([decoded])[0]
+
+
+def test_a_changed_file_is_swapped_in_and_requests_keep_the_version_they_took(tmp_path):
+    path = write_template_checkpoint(tmp_path / "models" / "run1" / "model" / "model.pt", seed=1)
+    served = load(path)
+    before = served.get()
+    assert before.version == "run1"
+
+    write_template_checkpoint(path, seed=2)  # the operator replaces the file
+    rollout = served.refresh()
+
+    assert rollout.outcome is Outcome.SWAPPED
+    after = served.get()
+    assert after is not before and served.ready
+    assert after.info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert served.info["rollout"]["result"] == "swapped"
+    # A request that took the old version before the swap finishes on it, whole.
+    assert predict_one(before).label in DIGITS and before.info["sha256"] != after.info["sha256"]
+
+
+def test_an_unchanged_file_is_left_as_it_is(tiny_checkpoint):
     served = load(tiny_checkpoint)
-    other = write_torchscript(tmp_path / "colour.pt", COLOUR_METADATA)
-    served.configure({"PRED_MODEL_PATH": str(other)})
-    assert not served.ready
+    before = served.get()
+    assert served.refresh().outcome is Outcome.UNCHANGED
+    assert served.get() is before
+    assert "rollout" not in served.info  # nothing happened worth reporting
+
+
+def test_a_broken_new_file_is_refused_and_the_served_model_stays(tmp_path):
+    path = write_template_checkpoint(tmp_path / "model.pt", seed=1)
+    served = load(path)
+    before = served.get()
+    path.write_bytes(b"not a model at all" * 10)
+
+    rollout = served.refresh()
+
+    assert rollout.outcome is Outcome.REFUSED and "not a model file" in rollout.reason
+    assert served.get() is before and served.ready
+    assert served.info["rollout"]["result"] == "refused"
+
+
+def test_a_new_version_that_fails_its_warm_up_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    write_torchscript(path, COLOUR_METADATA)
+    served = load(path)
+    before = served.get()
+    write_torchscript(path, {"labels": ["red", "green", "blue", "grey"], "input_shape": [3, 32, 32]})
+
+    rollout = served.refresh()
+
+    assert rollout.outcome is Outcome.REFUSED
+    assert "3 classes but the model has 4 labels" in rollout.reason
+    assert served.get() is before and served.ready and served.problem is None
+    shown = served.info["rollout"]
+    assert shown["result"] == "refused" and shown["version"] == rollout.version and "4 labels" in shown["reason"]
+
+
+def test_in_the_master_a_new_version_stays_loaded_for_the_workers_to_prepare(tmp_path):
+    path = write_template_checkpoint(tmp_path / "model.pt", seed=1)
+    master = registry_for(path)
+    master.load()
+    write_template_checkpoint(path, seed=2)
+
+    assert master.refresh().outcome is Outcome.SWAPPED
+    assert master.state is State.LOADED  # the master never serves: it checked on the CPU, nothing more
+    assert master.current.info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class PointedSource:
+    """A model source whose alias the test moves: the file is the same, the version it points at changes."""
+
+    setting = "PRED_MODEL_URI"
+    follows = True
+
+    def __init__(self, path):
+        self.path, self.version = path, "1"
+
+    def peek(self):
+        return self.version
+
+    def locate(self):
+        from service.sources import Located
+
+        return Located(self.path, {"model_version": self.version})
+
+
+def test_the_pending_version_is_one_neither_served_nor_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    write_torchscript(path, COLOUR_METADATA)
+    source = PointedSource(path)
+    served = ModelRegistry(source, allow_programs=True)
     served.get()
-    assert served.info["labels"] == ["red", "green", "blue"]
-    assert served.info["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert served.pending_version() is None
+
+    source.version = "2"
+    write_torchscript(path, {"labels": ["red", "green", "blue", "grey"], "input_shape": [3, 32, 32]})
+    assert served.pending_version() == "2"
+    assert served.refresh().outcome is Outcome.REFUSED
+    assert served.pending_version() is None  # refused once: not tried again until the alias moves
+
+    source.version = "3"
+    write_torchscript(path, COLOUR_METADATA)
+    assert served.pending_version() == "3"
+    assert served.refresh().outcome is Outcome.SWAPPED
+    assert served.get().version == "3"
+
+
+def test_the_alias_watcher_notifies_only_for_a_new_version(tmp_path):
+    path = tmp_path / "model.pt"
+    write_torchscript(path, COLOUR_METADATA)
+    source = PointedSource(path)
+    served = ModelRegistry(source, allow_programs=True)
+    served.load()
+    notified = []
+    watcher = AliasWatcher(served, 0.05, lambda: notified.append(source.version))
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert notified == []
+        source.version = "2"
+        deadline = time.monotonic() + 5
+        while not notified and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert notified and set(notified) == {"2"}
+    finally:
+        watcher.stop()
+        watcher.join(5)
+    assert not watcher.is_alive()

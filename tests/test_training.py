@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from service.inference import InputSpec, decode_image, preprocess
-from service.registry import read_model
+from service.formats import read_model
 from service.training import (
     LABELS,
     TrainConfig,

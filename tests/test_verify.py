@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.registry import read_model
+from service.formats import read_model
 from service.verify import check, held_out_pngs, verify_classifier
 from tests.support import free_port
 

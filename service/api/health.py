@@ -2,7 +2,7 @@
 
 from flask_smorest import Blueprint
 
-from service.registry import registry
+from service.api import model_registry
 from service.schemas import HealthSchema
 
 blp = Blueprint("health", __name__, url_prefix="/health", description="Probes for orchestrators.")
@@ -22,6 +22,7 @@ def live():
 @blp.alt_response(503, schema=HealthSchema, description="The model is not loaded, not warmed up, or failed a check.")
 def ready():
     """This worker has loaded and warmed up the model and can serve predictions"""
+    registry = model_registry()
     if registry.ready:
         return {"status": "ok"}
     return {"status": "unavailable", "reason": registry.problem}, 503

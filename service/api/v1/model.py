@@ -7,8 +7,9 @@ from flask import current_app
 from flask_smorest import Blueprint, abort
 
 from service import observability, security
+from service.api import MODEL_VERSION_HEADER, model_registry
 from service.inference import ImageError
-from service.registry import ModelLoadError, ModelNotReady, registry
+from service.registry import ModelLoadError, ModelNotReady
 from service.schemas import PredictQuerySchema, PredictResponseSchema, UploadSchema, VersionResponseSchema
 
 log = logging.getLogger(__name__)
@@ -16,13 +17,22 @@ log = logging.getLogger(__name__)
 # What the service decodes; the part's own Content-Type is not trusted, the bytes decide.
 IMAGE_TYPES = "image/png, image/jpeg, image/gif, image/bmp, image/webp, image/tiff"
 
+MODEL_VERSION_HEADER_DOC = {
+    MODEL_VERSION_HEADER: {
+        "description": "The model version that answered: the registered version, else the MLflow run id, "
+        "else sha256:<first 12 hex digits of the weights file>.",
+        "schema": {"type": "string"},
+    }
+}
+
 blp = Blueprint("model", __name__, url_prefix="/api/v1/model", description="Classify images with the served model.")
 blp.before_request(security.require_api_key)
 
 
-def _classifier():
+def _served():
+    """The model version that answers this request, start to end (a rollout never changes it midway)."""
     try:
-        return registry.get()
+        return model_registry().get()
     except (ModelLoadError, ModelNotReady) as exc:
         log.error("model unavailable: %s", exc)
         abort(503, message=f"the model is not available: {exc}")
@@ -31,7 +41,7 @@ def _classifier():
 @blp.route("/predict", methods=["POST"])
 @blp.arguments(PredictQuerySchema, location="query", as_kwargs=True)
 @blp.arguments(UploadSchema, location="files", as_kwargs=True)
-@blp.response(200, PredictResponseSchema)
+@blp.response(200, PredictResponseSchema, headers=MODEL_VERSION_HEADER_DOC)
 @blp.alt_response(400, response="BAD_REQUEST")
 @blp.alt_response(401, response="UNAUTHORIZED")
 @blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
@@ -47,7 +57,8 @@ def predict(image_file, top_k=None):
     max_files = current_app.config["MAX_FILES"]
     if len(image_file) > max_files:
         abort(422, message=f"too many files: {len(image_file)} sent, at most {max_files} (MAX_FILES) per request")
-    classifier = _classifier()
+    served = _served()
+    classifier = served.classifier
     if top_k is not None and top_k > len(classifier.labels):
         abort(422, message=f"top_k must be between 1 and {len(classifier.labels)} (the number of labels), got {top_k}")
     max_pixels = current_app.config["MAX_IMAGE_PIXELS"]
@@ -58,7 +69,7 @@ def predict(image_file, top_k=None):
     started = time.perf_counter()
     predictions = classifier.classify(tensors, top_k)
     observability.record_predictions([p.label for p in predictions], len(tensors), time.perf_counter() - started)
-    return {
+    body = {
         "data": [
             {
                 "image_filename": upload.filename,
@@ -69,17 +80,19 @@ def predict(image_file, top_k=None):
             for upload, p in zip(image_file, predictions)
         ]
     }
+    return body, {MODEL_VERSION_HEADER: served.version}
 
 
 @blp.route("/version")
-@blp.response(200, VersionResponseSchema)
+@blp.response(200, VersionResponseSchema, headers=MODEL_VERSION_HEADER_DOC)
 @blp.alt_response(401, response="UNAUTHORIZED")
 @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
 def version():
     """Identify the served model
 
     `model_uuid` is the MLflow run id the weights came from (as in the template); the other
-    fields say which file is served, its SHA-256, the architecture, labels and device.
+    fields say which file is served, its SHA-256, the architecture, labels and device, and
+    `rollout` the outcome of the last rollout (a refused version and why, for one).
     """
-    _classifier()
-    return {"data": registry.info}
+    served = _served()
+    return {"data": model_registry().describe(served)}, {MODEL_VERSION_HEADER: served.version}

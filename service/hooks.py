@@ -1,0 +1,107 @@
+"""What the gunicorn master and its workers do at each step (``config/gunicorn.conf.py`` calls these).
+
+The model is loaded once in the master before it forks, so workers share its weights; what is not
+fork-safe (torch thread pools, CUDA, the warm-up pass) happens in each worker after the fork. A
+rollout happens in the master too, on SIGHUP (``kill -HUP``, or the alias watcher when the alias
+moves): the master checks the new version, then gunicorn forks new workers from it and retires the
+old ones gracefully, each finishing the request it has.
+"""
+
+import gc
+import os
+import signal
+import sys
+
+import torch
+
+from config.settings import server_from_env
+from service import observability
+from service.registry import EXTENSION, AliasWatcher, ModelLoadError, Outcome
+
+
+def one_line(message):
+    """``message`` as one printable line: what a failed start prints must be one clear line."""
+    text = " ".join(str(message).split())
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def registry_of(server):
+    """The model registry of the app gunicorn serves."""
+    return server.app.wsgi().extensions[EXTENSION]
+
+
+def on_starting(server):
+    """In the master, once the app is imported: load (or fetch) the model, or stop with one line."""
+    # A parallel region run here (building the network initialises its weights) would leave
+    # OpenMP's thread team in the master, and a worker forked from it hangs in its first
+    # multi-threaded forward pass. One thread here; each worker sets its own after the fork.
+    torch.set_num_threads(1)
+    try:
+        registry_of(server).load()
+    except ModelLoadError as exc:
+        sys.exit(f"error: {one_line(exc)}")
+
+
+def when_ready(server):
+    """In the master, listening: watch the model's alias, if it follows one and polling is on."""
+    registry = registry_of(server)
+    if registry.source is None or not registry.source.follows or not registry.poll_seconds:
+        return None
+    master = os.getpid()
+    watcher = AliasWatcher(registry, registry.poll_seconds, lambda: os.kill(master, signal.SIGHUP))
+    watcher.start()
+    server.log.info("watching %s every %d s for a new version", registry.source.uri, registry.poll_seconds)
+    return watcher
+
+
+def on_reload(server):
+    """In the master, on SIGHUP, before the new workers are forked: roll out a new version, if any."""
+    rollout = registry_of(server).refresh()
+    observability.record_rollout(rollout.outcome.value)
+    # The old model's objects were frozen before the last fork: unfreeze them so that whatever
+    # a reference cycle still holds is collected now, not never.
+    gc.unfreeze()
+    gc.collect()
+
+
+def pre_fork(server, worker):
+    """In the master, just before it forks a worker: keep the garbage collector off shared objects."""
+    # Everything loaded so far (the app, torch, the model) lives as long as the process. Frozen,
+    # a worker's collections never scan it: no 100+ ms pause on its first full collection, and
+    # no writes to those objects that would copy the master's pages into each worker.
+    gc.freeze()
+
+
+def post_fork(server, worker):
+    """In each worker: torch threads, device, warm-up pass, model-info metric."""
+    registry = registry_of(server)
+    registry.after_fork()
+    try:
+        registry.prepare_worker(threads=server_from_env(workers=server.cfg.workers).torch_threads)
+    except ModelLoadError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+        if registry.last_rollout is None or registry.last_rollout.outcome is not Outcome.SWAPPED:
+            # gunicorn's "worker failed to boot" code: the master stops rather than fork it again.
+            sys.exit(server.WORKER_BOOT_ERROR)
+        # After a rollout the master must keep running (the old workers are gone): this worker
+        # stays up and unready, /health/ready says why, and moving the alias back recovers.
+        return
+    info = registry.current.info
+    observability.record_model(info.get("model_uuid"), info["sha256"], info["device"])
+
+
+def pre_request(worker, req):
+    """Give the request its id before anything is logged about it; the app keeps and returns it."""
+    incoming = next((value for name, value in req.headers if name == observability.REQUEST_ID_HEADER.upper()), None)
+    observability.bind_request_id(incoming)
+    worker.log.debug("%s %s", req.method, req.path)
+
+
+def post_request(worker, req, environ, resp):
+    """Forget the id once the request is answered and its access line written."""
+    observability.unbind_request_id()
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the merged metrics."""
+    observability.mark_process_dead(worker.pid, server.app.wsgi().config["PROMETHEUS_MULTIPROC_DIR"])
