@@ -1,14 +1,23 @@
-"""``make bench``: the service as deployed under wrk load, against its limit without HTTP.
+"""``make bench``: the service as deployed under wrk load, against its limit and its floors.
 
-Starts gunicorn exactly as deployed (config/gunicorn.conf.py, 2 workers) on a free loopback
-port and drives it from a second process with wrk and bench/predict.lua: one-image requests at
-concurrency 1, 8 and 32, then 16-image requests. In the same run it measures the limit with no
-HTTP at all: decode + preprocess + forward with the service's own functions, in as many
-processes as workers, one torch thread each. Prints one table and writes it, with a plot, into
-BENCHMARKS.md (between the markers; the rest of that file is left as it is).
+In one run, each on free loopback ports and driven by wrk (a second process) with
+bench/predict.lua, the same multipart digit every time:
+
+- the limit with no HTTP at all: the predict view's own decode + preprocess + forward calls, in
+  as many processes as workers, one torch thread each;
+- the two floors of bench/floors.py under gunicorn sync with as many workers: a bare WSGI
+  callable, and a bare Flask view parsing ``request.files`` (no model);
+- the service exactly as deployed (config/gunicorn.conf.py): one-image requests at concurrency
+  1, 8 and 32, then 16-image requests;
+- the service behind nginx with deploy/nginx.conf.
+
+Prints one table and the CPU split of a one-image request (model, framework floor, the
+service's own layers), and writes both, with a plot, into BENCHMARKS.md (between the markers;
+the rest of that file is left as it is).
 """
 
 import argparse
+import getpass
 import io
 import json
 import multiprocessing
@@ -40,14 +49,21 @@ from service.demo import GUNICORN, stop  # noqa: E402
 from service.training import digit_image  # noqa: E402
 
 LUA_SCRIPT = ROOT / "bench" / "predict.lua"
+# (name, gunicorn app, label): the floors of bench/floors.py, cheapest first.
+FLOORS = (
+    ("wsgi", "bench.floors:wsgi_floor", "floor: bare WSGI callable, reads the body"),
+    ("flask", "bench.floors:flask_floor", "floor: bare Flask view, request.files"),
+)
+NGINX_LABEL = "through nginx (deploy/nginx.conf), 1 image per request"
 PREDICT = "/api/v1/model/predict"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 MB = 1024 * 1024
 
 # Targets on the 2-core reference machine (see BENCHMARKS.md).
-TARGET_RATIO_AT_8 = 0.6
+TARGET_RATIO_AT_8 = 0.5
 TARGET_BATCH_GAIN = 1.5
-TARGET_P50_AT_1_MS = 2.0
+TARGET_P50_AT_1_MS = 1.5
+TARGET_OWN_LAYERS_MS = 0.3  # the service's CPU per request over the bare-Flask floor and the model's work
 TARGET_WORKERS_PSS_MB = 600
 
 
@@ -108,14 +124,13 @@ def free_port():
 def _limit_process(model_path, png, images, seconds, barrier, results):
     """In a fresh process: what one single-threaded worker does per request, minus HTTP."""
     torch.set_num_threads(1)
-    from service.inference import decode_image
     from service.formats import read_model
 
     classifier, _ = read_model(Path(model_path).read_bytes())
     max_pixels = Settings.MAX_IMAGE_PIXELS
 
-    def once():
-        return classifier.predict([decode_image(png, "digit.png", max_pixels) for _ in range(images)])
+    def once():  # the predict view's own calls: decode and preprocess each upload, one batched pass
+        return classifier.classify([classifier.prepare(png, "digit.png", max_pixels) for _ in range(images)])
 
     warm_until = time.perf_counter() + 1.0
     while time.perf_counter() < warm_until:
@@ -171,28 +186,39 @@ def percentile(values, q):
 
 
 class Gunicorn:
-    """gunicorn as deployed, on a free loopback port; a context manager that always stops it."""
+    """gunicorn on a free loopback port; a context manager that always stops it.
 
-    def __init__(self, model_path, workers, log_path):
+    Without ``app``, the service exactly as deployed (config/gunicorn.conf.py, ``model_path``
+    served); with ``app`` (``module:callable``), that app under gunicorn's defaults, sync
+    workers, no access log: how the floors in bench/floors.py run.
+    """
+
+    def __init__(self, log_path, workers, model_path=None, app=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.env = child_environment({
-            "PRED_MODEL_PATH": model_path,
-            "WEB_CONCURRENCY": workers,
-            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.port}",
-            "PRED_MODEL_URI": None,
-            "TORCH_NUM_THREADS": None,
-            "API_KEY": None,
-            "PROMETHEUS_MULTIPROC_DIR": None,
-        })
+        if app is None:
+            self.command = GUNICORN
+            self.env = child_environment({
+                "PRED_MODEL_PATH": model_path,
+                "WEB_CONCURRENCY": workers,
+                "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.port}",
+                "PRED_MODEL_URI": None,
+                "TORCH_NUM_THREADS": None,
+                "API_KEY": None,
+                "PROMETHEUS_MULTIPROC_DIR": None,
+            })
+        else:
+            self.command = [GUNICORN[0], "--workers", str(workers), "--worker-class", "sync",
+                            "--bind", f"127.0.0.1:{self.port}", app]
+            self.env = child_environment({"GUNICORN_CMD_ARGS": None, "WEB_CONCURRENCY": None})
         self.workers = workers
         self.process = None
 
     def __enter__(self):
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                GUNICORN, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         # __exit__ does not run when __enter__ fails: stop gunicorn here, or it outlives the benchmark.
         try:
@@ -230,14 +256,101 @@ class Gunicorn:
             return []
 
     def cpu_seconds(self):
-        total = 0.0
-        for pid in [self.process.pid, *self.worker_pids()]:
-            try:
-                times = psutil.Process(pid).cpu_times()
-                total += times.user + times.system
-            except psutil.NoSuchProcess:
-                pass
+        return process_tree_cpu_seconds(self.process.pid)
+
+
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+
+
+class Nginx:
+    """nginx with deploy/nginx.conf in front of ``upstream`` (host:port), on a free loopback port.
+
+    The site file is the deployed one with its two placeholders filled in, as the nginx image's
+    envsubst does; pid, temporary files and logs stay in ``folder``. One nginx worker: the
+    machine's cores are for gunicorn's workers. A context manager that always stops it.
+    """
+
+    def __init__(self, folder, upstream):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        site = NGINX_CONF.read_text().replace("${API_UPSTREAM}", upstream)
+        self.site = site.replace("${NGINX_PORT}", f"127.0.0.1:{self.port}")
+        self.process = None
+
+    def _main_conf(self, site_path):
+        temp = {name: self.folder / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+        for path in temp.values():
+            path.mkdir(parents=True, exist_ok=True)
+        # As root, nginx would switch its workers to a user that cannot read the folder.
+        user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""
+        return f"""{user}
+worker_processes 1;
+pid {self.folder}/nginx.pid;
+error_log {self.folder}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    client_body_temp_path {temp["body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+    include {site_path};
+}}
+"""
+
+    def __enter__(self):
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(binary).exists():
+            raise SystemExit("nginx is not installed (Debian package nginx; .ci/run installs it)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        site_path, conf = self.folder / "prediction.conf", self.folder / "nginx.conf"
+        site_path.write_text(self.site)
+        conf.write_text(self._main_conf(site_path))
+        command = [binary, "-p", str(self.folder), "-e", str(self.folder / "error.log"), "-c", str(conf)]
+        with open(self.folder / "access.log", "wb") as log:  # the site logs to stdout
+            self.process = subprocess.Popen(
+                [*command, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                if self.process.poll() is not None:
+                    raise SystemExit(f"nginx exited with {self.process.returncode}:\n"
+                                     f"{(self.folder / 'error.log').read_text()}")
+                try:
+                    requests.get(self.url + "/health/live", timeout=2)
+                    return self
+                except requests.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("nginx did not start listening in 15 s") from None
+                    time.sleep(0.1)
+        except BaseException:
+            stop(self.process)
+            raise
+
+    def __exit__(self, *exc):
+        stop(self.process)
+
+    def cpu_seconds(self):
+        return process_tree_cpu_seconds(self.process.pid)
+
+
+def process_tree_cpu_seconds(pid):
+    """CPU seconds (user + system) of a process and its children, as they are now."""
+    total = 0.0
+    try:
+        parent = psutil.Process(pid)
+        processes = [parent, *parent.children()]
+    except psutil.NoSuchProcess:
         return total
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def memory_mb(pid):
@@ -286,17 +399,24 @@ def run_wrk(url, connections, png_path, images, seconds, threads=None):
     raise RuntimeError(f"wrk gave no result (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
 
 
-def measure_http(server, connections, png_path, images, seconds):
-    """One wrk run against the running service, with memory and outside load measured around it."""
-    busy, client, workers, wall = busy_cpu_seconds(), own_cpu_seconds(), server.cpu_seconds(), time.monotonic()
-    stats = run_wrk(server.url + PREDICT, connections, png_path, images, seconds)
-    client, workers = own_cpu_seconds() - client, server.cpu_seconds() - workers
+def measure_http(server, connections, png_path, images, seconds, label=None, front=None):
+    """One wrk run against a running gunicorn (through ``front``, an Nginx, when given), with
+    memory and outside load measured around it; CPU counts gunicorn, wrk and ``front``."""
+    servers = [server] + ([front] if front else [])
+    url = (front or server).url + PREDICT
+
+    def server_cpu():
+        return sum(s.cpu_seconds() for s in servers)
+
+    busy, client, workers, wall = busy_cpu_seconds(), own_cpu_seconds(), server_cpu(), time.monotonic()
+    stats = run_wrk(url, connections, png_path, images, seconds)
+    client, workers = own_cpu_seconds() - client, server_cpu() - workers
     elsewhere = (busy_cpu_seconds() - busy) - client - workers
     memory = [memory_mb(pid) for pid in server.worker_pids()]
     master = memory_mb(server.process.pid)
     requests_per_s = stats["requests"] / (stats["duration_us"] / 1e6)
     return Run(
-        label=f"HTTP, {images} image{'s' if images > 1 else ''} per request",
+        label=label or f"HTTP, {images} image{'s' if images > 1 else ''} per request",
         images=images,
         concurrency=connections,
         requests_per_s=requests_per_s,
@@ -339,7 +459,35 @@ def table(runs):
     return "\n".join(lines)
 
 
-def targets(http, limits):
+def split(service, floors, nginx, limit):
+    """The CPU of a one-image request at concurrency 8, part by part: rows of (part, ms, how)."""
+    wsgi, flask = floors.get("wsgi"), floors.get("flask")
+    if not (service and wsgi and flask):
+        return []
+    rows = [
+        ("the model's work: decode, preprocess, forward pass, top label", limit.cpu_ms,
+         "the no-HTTP limit's CPU per call"),
+        ("gunicorn (sync worker), sockets and wrk", wsgi.cpu_ms, "the bare-WSGI floor"),
+        ("Flask: request and response objects, routing, multipart parsing", flask.cpu_ms - wsgi.cpu_ms,
+         "bare-Flask floor − bare-WSGI floor"),
+        ("the service's own layers: arguments and response schemas, request ids, metrics, access log, "
+         "tensor glue", service.cpu_ms - flask.cpu_ms - limit.cpu_ms,
+         "service − bare-Flask floor − model's work"),
+        ("total, the service direct", service.cpu_ms, "measured"),
+    ]
+    if nginx:
+        rows.append(("nginx in front (deploy/nginx.conf)", nginx.cpu_ms - service.cpu_ms,
+                     "through nginx − direct"))
+    return rows
+
+
+def split_table(rows):
+    lines = ["| Part | CPU ms per request | From |", "|---|---|---|"]
+    lines += [f"| {part} | {ms:.2f} | {how} |" for part, ms, how in rows]
+    return "\n".join(lines)
+
+
+def targets(http, limits, own_layers_ms=None):
     """Each target with its measured value and whether it is met."""
     one = {run.concurrency: run for run in http if run.images == 1}
     batch = {run.concurrency: run for run in http if run.images > 1}
@@ -355,6 +503,15 @@ def targets(http, limits):
             f"{at8.non_2xx} non-2xx, {at8.socket_errors} socket errors",
             at8.ratio >= TARGET_RATIO_AT_8 and at8.non_2xx == 0 and at8.socket_errors == 0,
         ),
+    ]
+    if own_layers_ms is not None:
+        rows.append((
+            f"the service's own layers ≤ {TARGET_OWN_LAYERS_MS} ms of CPU per 1-image request "
+            "(over the bare-Flask floor and the model's work)",
+            f"{own_layers_ms:.2f} ms",
+            own_layers_ms <= TARGET_OWN_LAYERS_MS,
+        ))
+    rows += [
         (
             f"{batch8.images}-image requests ≥ {TARGET_BATCH_GAIN} × the 1-image images/s (concurrency 8)",
             f"{batch8.images_per_s / at8.images_per_s:.2f} × ({batch8.images_per_s:,.0f} vs {at8.images_per_s:,.0f})",
@@ -447,11 +604,14 @@ def main(argv=None):
     parser.add_argument("--limit-duration", type=int, default=5, help="seconds per no-HTTP measurement")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--side-concurrency", default="8",
+                        help="concurrencies of the floors and of the service through nginx (1-image requests)")
     parser.add_argument("--batch", type=int, default=16, help="images per request in the batch runs")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "throughput.png")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    side = [int(c) for c in args.side_concurrency.split(",")]
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (Debian package wrk; .ci/run installs it)")
 
@@ -468,19 +628,39 @@ def main(argv=None):
             print(f"limit without HTTP, {images} image(s) per call ...", flush=True)
             limits[images] = measure_limit(model_path, png, images, args.workers, args.limit_duration)
 
-        http = []
-        with Gunicorn(model_path, args.workers, folder / "gunicorn.log") as server:
+        floors = {}
+        for name, app, label in FLOORS:
+            with Gunicorn(folder / f"{name}.log", args.workers, app=app) as floor:
+                for connections in side:
+                    print(f"wrk: {label}, {connections} connection(s) ...", flush=True)
+                    run = measure_http(floor, connections, png_path, 1, args.duration, label=label)
+                    floors.setdefault(name, {})[connections] = run
+
+        http, proxied = [], []
+        with Gunicorn(folder / "gunicorn.log", args.workers, model_path=model_path) as server:
             for images in (1, args.batch):
                 for connections in concurrencies:
                     print(f"wrk: {images} image(s) per request, {connections} connection(s) ...", flush=True)
                     run = measure_http(server, connections, png_path, images, args.duration)
                     run.ratio = run.images_per_s / limits[images].images_per_s
                     http.append(run)
+            with Nginx(folder / "nginx", f"127.0.0.1:{server.port}") as nginx:
+                for connections in side:
+                    print(f"wrk: {NGINX_LABEL}, {connections} connection(s) ...", flush=True)
+                    run = measure_http(server, connections, png_path, 1, args.duration, label=NGINX_LABEL,
+                                       front=nginx)
+                    run.ratio = run.images_per_s / limits[1].images_per_s
+                    proxied.append(run)
     load_after = os.getloadavg()
 
-    results = table([limits[1], limits[args.batch], *http])
-    verdicts, all_met = targets(http, limits)
-    print("\n" + results + "\n\n" + verdicts)
+    floor_runs = [run for by_concurrency in floors.values() for run in by_concurrency.values()]
+    results = table([limits[1], limits[args.batch], *floor_runs, *http, *proxied])
+    at8 = next((run for run in http if run.images == 1 and run.concurrency == 8), None)
+    parts = split(at8, {name: runs.get(8) for name, runs in floors.items()},
+                  next((run for run in proxied if run.concurrency == 8), None), limits[1])
+    own = next((ms for part, ms, _ in parts if part.startswith("the service's own")), None)
+    verdicts, all_met = targets(http, limits, own)
+    print("\n" + results + "\n\n" + split_table(parts) + "\n\n" + verdicts)
     plot(http, limits, args.plot)
     body = "\n\n".join([
         "## Latest run",
@@ -489,9 +669,13 @@ def main(argv=None):
         "Ratio to limit: images/s over the no-HTTP images/s for the same images per call. "
         "RSS and PSS: mean per worker, read from /proc/<pid>/smaps_rollup after the run "
         "(PSS divides the pages workers share with the master and each other). "
-        "CPU ms/request: CPU time of gunicorn's processes and wrk per request answered (in brackets, wrk's "
-        "part); for the limit, CPU time per call. With every process busy, throughput is about "
-        "2 cores ÷ this figure, so the ratio to the limit is about the limit's CPU per call ÷ this figure.",
+        "CPU ms/request: CPU time of gunicorn's processes (and nginx's, through nginx) and wrk per request "
+        "answered (in brackets, wrk's part); for the limit, CPU time per call. With every process busy, "
+        "throughput is about 2 cores ÷ this figure, so the ratio to the limit is about the limit's CPU per "
+        "call ÷ this figure. The floors (bench/floors.py) run no model: they are what gunicorn, and Flask "
+        "with its multipart parser, cost for the same request under gunicorn's defaults (sync, no access log).",
+        "### Where a one-image request's CPU goes (concurrency 8, this run)",
+        split_table(parts) if parts else "(needs the floors and the service at concurrency 8)",
         f"![Throughput and p99 latency against concurrency]({args.plot.resolve().relative_to(args.output.resolve().parent)})",
         "### Targets",
         verdicts,

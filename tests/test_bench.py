@@ -3,8 +3,9 @@
 import shutil
 
 import pytest
+import requests
 
-from bench.run import PREDICT, digit_png, run_wrk
+from bench.run import FLOORS, PREDICT, Gunicorn, Nginx, digit_png, run_wrk
 from tests.support import run_gunicorn
 
 pytestmark = pytest.mark.slow
@@ -38,3 +39,25 @@ def test_the_bench_counts_answers_that_are_not_2xx(server, png_path):
                      seconds=1)
     assert result["requests"] > 0
     assert result["non_2xx"] == result["requests"]
+
+
+def assert_all_answered(result):
+    assert result["requests"] > 0
+    assert result["non_2xx"] == 0
+    assert result["connect_errors"] + result["read_errors"] + result["write_errors"] + result["timeouts"] == 0
+
+
+@pytest.mark.parametrize("app", [app for _, app, _ in FLOORS])
+def test_the_floors_answer_the_bench_requests(tmp_path, png_path, app):
+    with Gunicorn(tmp_path / "floor.log", workers=1, app=app) as floor:
+        answer = requests.post(floor.url + PREDICT, files={"image_file": ("digit.png", png_path.read_bytes())},
+                               timeout=10)
+        assert answer.status_code == 200 and answer.json()["data"][0]["image_filename"] == "digit.png"
+        assert_all_answered(run_wrk(floor.url + PREDICT, connections=2, png_path=png_path, images=1, seconds=1))
+
+
+def test_the_bench_reaches_the_service_through_the_deployed_nginx_site(tmp_path, server, png_path):
+    with Nginx(tmp_path / "nginx", server.url.removeprefix("http://")) as nginx:
+        result = run_wrk(nginx.url + PREDICT, connections=2, png_path=png_path, images=1, seconds=1)
+        assert nginx.cpu_seconds() > 0, "nginx's CPU time counts in the run through it"
+    assert_all_answered(result)
