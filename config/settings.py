@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,26 @@ def tracking_uri(environ=None):
     return uri
 
 
+# The local tracking server that `make mlflow` and the demo run: every command's default.
+LOCAL_TRACKING_URI = "http://127.0.0.1:5000"
+_HOST_PORT = re.compile(r"^[\w.-]+:\d+(/\S*)?$")
+
+
+def tracking_uri(environ=None):
+    """The MLflow tracking server every command uses: MLFLOW_TRACKING_URI, else LOCAL_TRACKING_URI.
+
+    Raises ConfigError for a server address without a scheme (``127.0.0.1:5000``), which MLflow
+    would otherwise take for a folder name.
+    """
+    environ = os.environ if environ is None else environ
+    uri = _text(environ, "MLFLOW_TRACKING_URI")
+    if uri is None:
+        return LOCAL_TRACKING_URI
+    if _HOST_PORT.match(uri):
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {uri!r} has no scheme: write http://{uri} (or https://{uri})")
+    return uri
+
+
 def from_env(environ=None):
     """Read and validate every setting; raise ConfigError naming the first bad variable."""
     environ = os.environ if environ is None else environ
@@ -217,6 +238,36 @@ def server_from_env(environ=None, cpu_count=None, workers=None):
         max_requests_jitter=_positive_int(environ, "GUNICORN_MAX_REQUESTS_JITTER", 2000),
         metrics_dir=_text(environ, "PROMETHEUS_MULTIPROC_DIR"),
     )
+
+
+def gunicorn_binds(environ=None):
+    """Where gunicorn will listen: ``(host, port, setting)`` for each TCP address.
+
+    The ``--bind``/``-b`` flags of GUNICORN_CMD_ARGS when it has any (they win), else
+    ``0.0.0.0:$PORT``; ``setting`` names the variable that chose the address. Unix sockets and
+    file descriptors need no port and are left out.
+    """
+    environ = os.environ if environ is None else environ
+    words = shlex.split(environ.get("GUNICORN_CMD_ARGS", ""))
+    flags = []
+    for i, word in enumerate(words):
+        if word in ("-b", "--bind") and i + 1 < len(words):
+            flags.append(words[i + 1])
+        elif word.startswith("--bind="):
+            flags.append(word[len("--bind="):])
+        elif word.startswith("-b") and not word.startswith("--") and len(word) > 2:
+            flags.append(word[2:])
+    if not flags:
+        return [("0.0.0.0", server_from_env(environ, cpu_count=1, workers=1).port, "PORT")]
+    binds = []
+    for address in flags:
+        if address.startswith(("unix:", "fd://")):
+            continue
+        host, colon, port = address.rpartition(":")
+        if not colon or not port.isdigit():
+            host, port = address, "8000"  # gunicorn's default port
+        binds.append((host.strip("[]") or "0.0.0.0", int(port), "GUNICORN_CMD_ARGS"))
+    return binds
 
 
 def child_environment(overrides):

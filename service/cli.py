@@ -8,6 +8,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from config.settings import ConfigError, gunicorn_binds
 from service import demo
 from service.formats import ModelFileError, read_bytes, read_model
 from service.registry import ModelLoadError, ModelRegistry
@@ -161,6 +162,10 @@ def serve_command(mlflow_host, mlflow_port):
 
     from service import mlflow_store
 
+    try:
+        demo.check_serving_ports(gunicorn_binds())
+    except (ConfigError, demo.DemoError) as exc:
+        raise click.ClickException(str(exc)) from None
     if current_app.config["PRED_MODEL_PATH"] or current_app.config["PRED_MODEL_URI"]:
         demo.exec_gunicorn()
     try:
@@ -180,4 +185,8 @@ def serve_command(mlflow_host, mlflow_port):
 def tracking_server_command(host, port):
     """Run the local MLflow tracking server (store in var/mlflow/) in the foreground."""
     click.echo(f"MLflow tracking server: UI at {demo.tracking_server_url(host, port)}, store in {demo.STORE}", err=True)
-    demo.exec_tracking_server(demo.STORE, host, port)
+    try:
+        status = demo.run_tracking_server(demo.STORE, host, port)
+    except demo.DemoError as exc:
+        raise click.ClickException(str(exc)) from None
+    raise SystemExit(status)

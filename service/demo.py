@@ -3,11 +3,13 @@
 ``make serve`` with no model configured runs :func:`serve_demo`: it starts the tracking server
 (sqlite store and artifacts under ``var/mlflow/``), trains the demo model there unless a demo run
 exists, downloads it by run id as an operator would, and serves it with gunicorn. ``make mlflow``
-runs the same tracking server alone.
+runs the same tracking server alone (:func:`run_tracking_server`).
 """
 
+import errno
 import logging
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -65,12 +67,72 @@ def tracking_server_answers(url):
     return response.status_code == 200 and response.text.strip() == "OK"
 
 
-def exec_tracking_server(store=STORE, host=HOST, port=PORT):
-    """Replace this process with the tracking server (``make mlflow``): Ctrl-C reaches it directly."""
-    command = tracking_server_command(store, host, port)
-    Path(store).mkdir(parents=True, exist_ok=True)
-    os.chdir(store)  # anything the server writes beside its store stays in it
-    os.execve(command[0], command, child_environment(TRACKING_SERVER_ENV))
+def port_in_use(host, port):
+    """True when something already listens on ``host:port``, so that a server could not bind it now."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        # As gunicorn and uvicorn bind: a port left in TIME_WAIT by a stopped server is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def check_serving_ports(binds):
+    """Raise DemoError, saying how to choose another port, when gunicorn could not bind one of ``binds``.
+
+    ``binds`` are ``(host, port, setting)`` as :func:`config.settings.gunicorn_binds` returns them.
+    Checked first, before a tracking server starts or a model loads, since gunicorn would only
+    retry the port for seconds after all that.
+    """
+    for host, port, setting in binds:
+        if port_in_use(host, port):
+            advice = f"PORT={port + 1} make serve" if setting == "PORT" else f"change --bind in {setting}"
+            raise DemoError(f"port {port} is already in use: stop what is using it, or serve on another port: {advice}")
+
+
+def _check_tracking_port(host, port, option):
+    """Raise DemoError when ``host:port`` is taken by something that is not an MLflow tracking server."""
+    if port_in_use(host, port):
+        raise DemoError(
+            f"port {port} on {host} is in use by another program, not an MLflow tracking server: stop it, "
+            f"or run the tracking server on another port with {option} {port + 1}"
+        )
+
+
+def run_tracking_server(store=STORE, host=HOST, port=PORT):
+    """Run the tracking server in the foreground (``make mlflow``) until it stops; return its exit status.
+
+    The server runs in its own session, so Ctrl-C reaches this process alone, which then stops the
+    server with SIGTERM: uvicorn shuts down on it without the asyncio traceback that SIGINT
+    prints while a browser keeps a connection open. Raises DemoError when the port is taken.
+    """
+    url = tracking_server_url(host, port)
+    if tracking_server_answers(url):
+        raise DemoError(f"an MLflow tracking server is already running at {url}")
+    _check_tracking_port(host, port, "--port")
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    process = None
+    with _exit_on_termination():
+        try:
+            process = subprocess.Popen(
+                tracking_server_command(store, host, port),
+                cwd=store,  # anything the server writes beside its store stays in it
+                env=child_environment(TRACKING_SERVER_ENV),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            return process.wait()
+        except KeyboardInterrupt:
+            log.info("stopping the MLflow tracking server at %s", url)
+            return 130
+        finally:
+            stop(process)
 
 
 def start_tracking_server(store=STORE, host=HOST, port=PORT, timeout=_START_TIMEOUT_S):
@@ -188,6 +250,7 @@ def serve_demo(models_dir, store=STORE, host=HOST, port=PORT):
             if tracking_server_answers(url):
                 log.info("using the MLflow tracking server already running at %s", url)
             else:
+                _check_tracking_port(host, port, "--mlflow-port")
                 server = start_tracking_server(store, host, port)
             tracking = mlflow_store.connect(url)
             run_id = ensure_demo_run(tracking)
