@@ -142,26 +142,6 @@ def tracking_uri(environ=None):
     return uri
 
 
-# The local tracking server that `make mlflow` and the demo run: every command's default.
-LOCAL_TRACKING_URI = "http://127.0.0.1:5000"
-_HOST_PORT = re.compile(r"^[\w.-]+:\d+(/\S*)?$")
-
-
-def tracking_uri(environ=None):
-    """The MLflow tracking server every command uses: MLFLOW_TRACKING_URI, else LOCAL_TRACKING_URI.
-
-    Raises ConfigError for a server address without a scheme (``127.0.0.1:5000``), which MLflow
-    would otherwise take for a folder name.
-    """
-    environ = os.environ if environ is None else environ
-    uri = _text(environ, "MLFLOW_TRACKING_URI")
-    if uri is None:
-        return LOCAL_TRACKING_URI
-    if _HOST_PORT.match(uri):
-        raise ConfigError(f"MLFLOW_TRACKING_URI: {uri!r} has no scheme: write http://{uri} (or https://{uri})")
-    return uri
-
-
 def from_env(environ=None):
     """Read and validate every setting; raise ConfigError naming the first bad variable."""
     environ = os.environ if environ is None else environ
