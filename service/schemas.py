@@ -11,7 +11,12 @@ class UploadSchema(ma.Schema):
         Upload(),
         required=True,
         validate=ma.validate.Length(min=1),
-        metadata={"description": "One or more images (PNG, JPEG, GIF, BMP, WebP, TIFF); repeat the field for more."},
+        metadata={
+            "description": "One or more images (PNG, JPEG, GIF, BMP, WebP, TIFF); repeat the field for more.",
+            # One item in the example makes Swagger UI's try-it-out start with a file chooser; with
+            # none, it shows only an "Add string item" button.
+            "example": [""],
+        },
     )
 
 
