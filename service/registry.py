@@ -115,6 +115,10 @@ class ModelRegistry:
         self.problem = "no model loaded yet"
         self.last_rollout = None
         self.threads = None
+        # A rollout in progress, and how many have finished: the alias watcher reads both, so that
+        # it never asks again for a rollout that is under way.
+        self.rolling_out = False
+        self.rollouts_done = 0
         self._lock = threading.RLock()
 
     @classmethod
@@ -203,33 +207,41 @@ class ModelRegistry:
         for the workers forked next to prepare.
         """
         with self._lock:
-            if self.current is None:
-                self.load()
-                return self._record(Rollout(Outcome.SWAPPED, self.current.version))
+            self.rolling_out = True
             try:
-                located = self.source.locate()
-            except SourceError as exc:
-                if exc.refused:
-                    log.error("rollout: refused %s, still serving %s: %s", exc.version, self.current.version, exc)
-                    return self._record(Rollout(Outcome.REFUSED, exc.version, str(exc)))
-                log.error("rollout: cannot look at the model source, still serving %s: %s", self.current.version, exc)
-                return self._record(Rollout(Outcome.FAILED, None, str(exc)))
-            try:
-                candidate = self._read_located(located)
-            except ModelFileError as exc:
-                version = located.provenance.get("model_version") or located.provenance.get("model_uuid")
-                log.error("rollout: refused %s, still serving %s: %s", version, self.current.version, exc)
-                return self._record(Rollout(Outcome.REFUSED, version, f"{self.source.setting}: {exc}"))
-            if candidate.info["sha256"] == self.current.info["sha256"] and candidate.version == self.current.version:
-                log.info("rollout: %s is still the model to serve", self.current.version)
-                return Rollout(Outcome.UNCHANGED, candidate.version)
-            problem = self.check(candidate)
-            if problem:
-                log.error(
-                    "rollout: refused %s, still serving %s: %s", candidate.version, self.current.version, problem
-                )
-                return self._record(Rollout(Outcome.REFUSED, candidate.version, problem))
-            return self._record(self._swap(candidate))
+                return self._refresh()
+            finally:
+                self.rolling_out = False
+                self.rollouts_done += 1
+
+    def _refresh(self):
+        if self.current is None:
+            self.load()
+            return self._record(Rollout(Outcome.SWAPPED, self.current.version))
+        try:
+            located = self.source.locate()
+        except SourceError as exc:
+            if exc.refused:
+                log.error("rollout: refused %s, still serving %s: %s", exc.version, self.current.version, exc)
+                return self._record(Rollout(Outcome.REFUSED, exc.version, str(exc)))
+            log.error("rollout: cannot look at the model source, still serving %s: %s", self.current.version, exc)
+            return self._record(Rollout(Outcome.FAILED, None, str(exc)))
+        try:
+            candidate = self._read_located(located)
+        except ModelFileError as exc:
+            version = located.provenance.get("model_version") or located.provenance.get("model_uuid")
+            log.error("rollout: refused %s, still serving %s: %s", version, self.current.version, exc)
+            return self._record(Rollout(Outcome.REFUSED, version, f"{self.source.setting}: {exc}"))
+        if candidate.info["sha256"] == self.current.info["sha256"] and candidate.version == self.current.version:
+            log.info("rollout: %s is still the model to serve", self.current.version)
+            return Rollout(Outcome.UNCHANGED, candidate.version)
+        problem = self.check(candidate)
+        if problem:
+            log.error(
+                "rollout: refused %s, still serving %s: %s", candidate.version, self.current.version, problem
+            )
+            return self._record(Rollout(Outcome.REFUSED, candidate.version, problem))
+        return self._record(self._swap(candidate))
 
     def check(self, candidate):
         """Why ``candidate`` must not serve (None when it may): a warm-up pass on the CPU that also
@@ -373,15 +385,23 @@ class AliasWatcher(threading.Thread):
         self._stopped = threading.Event()
 
     def run(self):
+        registry = self.registry
         while not self._stopped.wait(self.interval):
+            done = registry.rollouts_done
+            if registry.rolling_out:
+                continue
             try:
-                pending = self.registry.pending_version()
+                pending = registry.pending_version()
             except Exception:  # never let the watcher die: the next look may work
                 log.exception("looking for a new model failed")
                 continue
-            if pending is not None:
-                log.info("the model source now points at %s: rolling it out", pending)
-                self.notify()
+            if pending is None or registry.rolling_out or registry.rollouts_done != done:
+                continue  # nothing new, or a rollout ran meanwhile: look again next time
+            log.info("the model source now points at %s: rolling it out", pending)
+            self.notify()
+            # One request at a time: wait for the rollout asked for before looking again.
+            while registry.rollouts_done == done and not self._stopped.wait(self.interval):
+                pass
 
     def stop(self):
         """Stop after the current look (if any)."""

@@ -1,6 +1,7 @@
 """Shared test code: images, model files and real server processes."""
 
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from config.settings import Settings, child_environment
+from service import demo
 from service.architectures import DigitCNN
 from service.demo import stop  # noqa: F401  (tests stop the servers they start the same way)
 
@@ -171,5 +173,30 @@ def run_gunicorn(tmp_path, env=None, workers=2, ready=True, timeout=60.0):
         if ready:
             wait_until_ready(server.url, process, log_path, timeout)
         yield server
+    finally:
+        stop(process)
+
+
+@contextmanager
+def mlflow_server(store, env=None, app_name=None):
+    """Run ``mlflow server`` as ``make mlflow`` does, on a free loopback port with its store in ``store``.
+
+    The server is always stopped.
+    """
+    store.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = demo.tracking_server_command(store, "127.0.0.1", port)
+    if app_name:
+        command += ["--app-name", app_name]
+    environment = {**os.environ, **demo.TRACKING_SERVER_ENV, **(env or {})}
+    log_path = store / "server.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=store, env=environment, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process, log_path, timeout=180, path="/health")
+        yield url
     finally:
         stop(process)

@@ -16,11 +16,20 @@ from mlflow import MlflowClient
 
 from config.settings import child_environment
 from service import create_app, demo, mlflow_store
-from service.inference import decode_image
 from service.formats import read_model
+from service.inference import decode_image
 from service.registry import ModelLoadError, ModelRegistry
 from service.verify import held_out_pngs
-from tests.support import BIN, ROOT, free_port, run_gunicorn, stop, wait_until_ready, write_template_checkpoint
+from tests.support import (
+    BIN,
+    ROOT,
+    free_port,
+    mlflow_server,
+    run_gunicorn,
+    stop,
+    wait_until_ready,
+    write_template_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,31 +40,6 @@ ALIAS = "champion"
 EPOCHS = 2
 # A few requests' worth of uploads, under MAX_FILES.
 UPLOAD_BATCH = 60
-
-
-@contextmanager
-def mlflow_server(store, env=None, app_name=None):
-    """Run ``mlflow server`` as ``make mlflow`` does, on a free loopback port with its store in ``store``.
-
-    The server is always stopped.
-    """
-    store.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = demo.tracking_server_command(store, "127.0.0.1", port)
-    if app_name:
-        command += ["--app-name", app_name]
-    environment = {**os.environ, **demo.TRACKING_SERVER_ENV, **(env or {})}
-    log_path = store / "server.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            command, cwd=store, env=environment, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, process, log_path, timeout=180, path="/health")
-        yield url
-    finally:
-        stop(process)
 
 
 @pytest.fixture(scope="module")
