@@ -38,7 +38,8 @@ download: install  ## fetch an MLflow run's model into models/RUN_ID/: make down
 train: install  ## train the digit CNN and log it to MLflow: make train TRAIN_ARGS="--epochs 8"
 	$(BIN)/flask --app wsgi model train $(TRAIN_ARGS)
 
-test: install system-packages  ## run the whole test suite
+test: install system-packages  ## check the import layers (.importlinter), then run the whole test suite
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 .PHONY: bench
