@@ -3,10 +3,12 @@
     .venv/bin/python -m bench.profile
 
 Times the work of the no-HTTP limit (decode + preprocess + forward), the same request through the
-Flask app as a WSGI call, and the cheapest request the app answers; then profiles the WSGI call
-with pyinstrument and sums its time by package. Together with the CPU per request that
-``make bench`` measures under gunicorn, this splits a request into inference, the Flask stack
-and the HTTP server.
+bare-Flask floor (bench/floors.py) and through the service's Flask app as WSGI calls, and the
+cheapest request the app answers: the service's own layers are what its WSGI call costs over the
+floor's and the model's. Then profiles the service's WSGI call with pyinstrument and shows its
+time by package, and the functions that take the most time outside the model's work. Together
+with the CPU per request that ``make bench`` measures under gunicorn, this splits a request into
+inference, the framework, the service's own layers and the HTTP server.
 """
 
 import argparse
@@ -74,6 +76,31 @@ def package_of(frame):
     return "python stdlib"
 
 
+# The model's work inside a request (decode, preprocess, forward, top label): left out of the
+# function ranking, which is about everything around it.
+MODEL_WORK = {("prepare", "service/inference.py"), ("classify", "service/inference.py")}
+
+
+def time_by_function(session):
+    """Seconds of own time per function outside the model's work, and those seconds in all."""
+    totals = defaultdict(float)
+
+    def walk(frame, caller):
+        path = frame.file_path or ""
+        if any(frame.function == name and path.endswith(tail) for name, tail in MODEL_WORK):
+            return
+        key = caller  # built-ins and pyinstrument's "[self]" entries count for their caller
+        if path and not path.startswith("<"):
+            where = path.split("site-packages/", 1)[-1] if "site-packages/" in path else path.rsplit("/main/", 1)[-1]
+            key = f"{frame.function} ({where}:{frame.line_no})"
+        totals[key] += frame.total_self_time
+        for child in frame.children:
+            walk(child, key)
+
+    walk(session.root_frame(), "(the profiling loop)")
+    return totals, sum(totals.values())
+
+
 def time_by_package(session):
     """Seconds of the profile spent in each package's own code (built-ins go to their caller)."""
     totals = defaultdict(float)
@@ -91,11 +118,12 @@ def time_by_package(session):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--top", type=int, default=25, help="functions to list outside the model's work")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
+    from bench.floors import flask_floor
     from service import create_app
-    from service.inference import decode_image
     from service.registry import EXTENSION
 
     with TemporaryDirectory(prefix="prediction-profile-") as folder:
@@ -109,20 +137,25 @@ def main(argv=None):
         rows = []
         for images in (1, 16):
             calls = args.calls // images
-            limit = cpu_ms(lambda: classifier.predict([decode_image(png, "d.png", max_pixels)] * images), calls)
+            limit = cpu_ms(
+                lambda: classifier.classify([classifier.prepare(png, "d.png", max_pixels) for _ in range(images)]),
+                calls,
+            )
             forward_batch = torch.zeros((images, *classifier.input_spec.shape))
             forward = cpu_ms(lambda: classifier.forward(forward_batch), calls)
-            request = wsgi_caller(app, "POST", "/api/v1/model/predict", multipart(png, images),
-                                  f"multipart/form-data; boundary={BOUNDARY}")
-            rows.append((images, forward, limit, cpu_ms(request, calls)))
+            body, content_type = multipart(png, images), f"multipart/form-data; boundary={BOUNDARY}"
+            floor = wsgi_caller(flask_floor, "POST", "/api/v1/model/predict", body, content_type)
+            request = wsgi_caller(app, "POST", "/api/v1/model/predict", body, content_type)
+            rows.append((images, forward, limit, cpu_ms(floor, calls), cpu_ms(request, calls)))
         live = cpu_ms(wsgi_caller(app, "GET", "/health/live"), args.calls)
 
         print("CPU time per request, one process, one torch thread (ms):\n")
-        print("| Images | forward pass | decode + preprocess + forward (the limit) | through the Flask app (WSGI) "
-              "| Flask stack's share |")
-        print("|---|---|---|---|---|")
-        for images, forward, limit, request in rows:
-            print(f"| {images} | {forward:.2f} | {limit:.2f} | {request:.2f} | {request - limit:.2f} |")
+        print("| Images | forward pass | the model's work (the limit) | bare-Flask floor (WSGI) "
+              "| the service (WSGI) | the service's own layers |")
+        print("|---|---|---|---|---|---|")
+        for images, forward, limit, floor, request in rows:
+            print(f"| {images} | {forward:.2f} | {limit:.2f} | {floor:.2f} | {request:.2f} "
+                  f"| {request - floor - limit:.2f} |")
         print(f"\nGET /health/live through the Flask app: {live:.2f} ms")
 
         from pyinstrument import Profiler
@@ -142,6 +175,14 @@ def main(argv=None):
         for package, seconds in sorted(totals.items(), key=lambda item: -item[1]):
             if seconds / everything >= 0.005:
                 print(f"| {package} | {seconds / everything:.1%} |")
+
+        functions, outside = time_by_function(profiler.last_session)
+        print(f"\nOutside the model's work ({outside / everything:.0%} of the request), the functions with the "
+              "most own time:\n")
+        print("| Function | Share of that time |")
+        print("|---|---|")
+        for function, seconds in sorted(functions.items(), key=lambda item: -item[1])[: args.top]:
+            print(f"| {function} | {seconds / outside:.1%} |")
 
 
 if __name__ == "__main__":
