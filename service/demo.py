@@ -28,7 +28,8 @@ HOST = "127.0.0.1"
 PORT = 5000
 DEMO_TAG = "demo"
 DEMO_MODEL_NAME = "digit-classifier"
-DEMO_ALIAS = "demo"
+DEMO_ALIAS = "champion"
+DEMO_URI = f"models:/{DEMO_MODEL_NAME}@{DEMO_ALIAS}"
 GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "config/gunicorn.conf.py", "wsgi:app"]
 # The job runner serves MLflow's GenAI features, unused here, with a dozen worker processes.
 TRACKING_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -206,12 +207,20 @@ def find_demo_run(tracking, experiment):
 
 
 def ensure_demo_run(tracking):
-    """Return the demo run's id, training and registering it first if the server has none."""
-    from service.training import DEFAULT_EXPERIMENT, TrainConfig, train_and_log
+    """Return the demo run's id, training and registering it first if the server has none.
+
+    The alias ``champion`` is pointed at the demo run unless it already points somewhere (a model
+    trained since and promoted is left as it is).
+    """
+    from service.training import DEFAULT_EXPERIMENT, TrainConfig, register, train_and_log
 
     run_id = find_demo_run(tracking, DEFAULT_EXPERIMENT)
     if run_id:
         log.info("reusing demo run %s from %s", run_id, tracking.shown)
+        try:
+            tracking.client.get_model_version_by_alias(DEMO_MODEL_NAME, DEMO_ALIAS)
+        except Exception:  # no such model or alias yet (a store from before the alias was used)
+            register(tracking.client, run_id, DEMO_MODEL_NAME, DEMO_ALIAS)
         return run_id
     log.info("no demo run on %s yet: training one (once)", tracking.shown)
     logged = train_and_log(
@@ -253,13 +262,19 @@ def serve_demo(models_dir, store=STORE, host=HOST, port=PORT):
                 _check_tracking_port(host, port, "--mlflow-port")
                 server = start_tracking_server(store, host, port)
             tracking = mlflow_store.connect(url)
-            run_id = ensure_demo_run(tracking)
-            path = mlflow_store.download_run(run_id, models_dir, tracking=tracking)
-            log.info("serving run %s (%s); MLflow UI at %s; Ctrl-C stops both", run_id, path, url)
+            ensure_demo_run(tracking)
+            log.info("serving %s; MLflow UI at %s; Ctrl-C stops both", DEMO_URI, url)
+            log.info(
+                "to roll out a new version: make train TRAIN_ARGS=\"--register-name %s --alias %s\" "
+                "(served within PRED_MODEL_POLL_SECONDS, no restart)", DEMO_MODEL_NAME, DEMO_ALIAS,
+            )
             gunicorn = subprocess.Popen(
                 GUNICORN,
                 cwd=PROJECT_ROOT,
-                env=child_environment({"PRED_MODEL_PATH": path, "PRED_MODEL_UUID": run_id, "PRED_MODEL_URI": None}),
+                env=child_environment({
+                    "PRED_MODEL_URI": DEMO_URI, "MLFLOW_TRACKING_URI": url, "MODELS_DIR": models_dir,
+                    "PRED_MODEL_PATH": None, "PRED_MODEL_UUID": None,
+                }),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
