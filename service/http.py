@@ -1,8 +1,9 @@
-"""HTTP plumbing: how request bodies are read and how HTTP errors are answered."""
+"""HTTP plumbing: how request bodies are read, how responses are written and errors answered."""
 
 import io
 
 from flask import Request, current_app, has_request_context, request
+from flask.json.provider import DefaultJSONProvider
 from flask_smorest import Api, abort
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.utils import cached_property
@@ -54,9 +55,38 @@ class UploadRequest(Request):
             abort(400, message=f"malformed {self.mimetype} body: {exc}")
 
 
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, refusing NaN and infinity: they are not JSON, and clients' parsers reject them.
+
+    A value that cannot be written makes the request a JSON 500, never an answer that is not JSON.
+    """
+
+    def dumps(self, obj, **kwargs):
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
+
+
+def _no_sniffing(response):
+    # Filenames are echoed back as sent: a browser must never read a JSON answer as HTML.
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
 class ServiceApi(Api):
     """flask-smorest's Api, keeping the headers an HTTP error defines (``Allow`` on a 405), and
-    giving every error a ``message`` (werkzeug's own errors, a 413 or a 404, come without one)."""
+    giving every error a ``message`` (werkzeug's own errors, a 413 or a 404, come without one).
+
+    It also sets how every response of the app is written: strict JSON, and
+    ``X-Content-Type-Options: nosniff``.
+    """
+
+    def init_app(self, app, *args, **kwargs):
+        strict = StrictJSONProvider(app)
+        for option in ("ensure_ascii", "sort_keys", "compact", "mimetype"):
+            setattr(strict, option, getattr(app.json, option))  # as the factory set them
+        app.json = strict
+        app.after_request(_no_sniffing)
+        super().init_app(app, *args, **kwargs)
 
     def handle_http_exception(self, error):
         payload, code, headers = super().handle_http_exception(error)

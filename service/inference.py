@@ -1,15 +1,34 @@
 """Image decoding, preprocessing and batched classification (no web framework here)."""
 
 import io
+import math
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
-# The service's MAX_IMAGE_PIXELS, checked from the header before any pixel is decoded, replaces
-# Pillow's process-wide guard, which would otherwise answer first, and vaguely, for large images.
+# The service checks the size of every image, frame, tile and embedded image itself, before any
+# of it is decoded (decode_image), against its own MAX_IMAGE_PIXELS. Pillow's process-wide guard
+# would otherwise answer first, and vaguely, or only warn and decode: it stays off.
 Image.MAX_IMAGE_PIXELS = None
+
+# The formats the service reads, by Pillow's names (JPEG includes MPO, a camera's multi-picture
+# JPEG). Each one's sizes are checked below before decoding; any other format is refused, so no
+# decoder whose sizes go unchecked (JPEG 2000 tiles, PSD layers, ICNS, EPS) ever runs.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "ICO")
+_ACCEPTED_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF or ICO"
+
+# The images of one request may together decode at most this many times MAX_IMAGE_PIXELS: it
+# bounds the CPU time one request can take, whatever its number of files.
+REQUEST_PIXELS_FACTOR = 4
+
+# Images are reduced by a whole factor right after decoding, as long as they stay at least this
+# many times the model's input size: preprocessing then works on a small bitmap.
+_REDUCE_MARGIN = 4
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageError(ValueError):
@@ -22,15 +41,25 @@ class ImageError(ValueError):
         self.problem = problem
 
 
+# Input polarities: light strokes on a dark background (the template's digits, MNIST), dark
+# strokes on a light one, or "none" for pictures that have no strokes (left as they are).
+LIGHT_ON_DARK = "light-on-dark"
+DARK_ON_LIGHT = "dark-on-light"
+NO_POLARITY = "none"
+POLARITIES = (LIGHT_ON_DARK, DARK_ON_LIGHT, NO_POLARITY)
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """What the network expects: channels, size and optional per-channel normalisation."""
+    """What the network expects: channels, size, optional per-channel normalisation, and polarity."""
 
     channels: int = 1
     height: int = 28
     width: int = 28
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # How the network saw its strokes: uploads of the other polarity are inverted first.
+    polarity: str = LIGHT_ON_DARK
 
     @property
     def shape(self):
@@ -46,29 +75,140 @@ class Prediction:
     top_k: list[tuple[str, float]] | None = None
 
 
-def decode_image(data, filename, max_pixels):
+class PixelBudget:
+    """The pixels the images of one request may still decode: MAX_IMAGE_PIXELS each, and
+    REQUEST_PIXELS_FACTOR times that for all of them together."""
+
+    def __init__(self, max_pixels, factor=REQUEST_PIXELS_FACTOR):
+        self.max_pixels = max_pixels
+        self.total = max_pixels * factor
+        self.left = self.total
+
+    def check(self, filename, width, height, what="the image"):
+        """Raise ImageError when one image (or a frame, tile or embedded image of it) is over the limit."""
+        if width * height > self.max_pixels:
+            raise ImageError(
+                filename,
+                f"{what} is {width}x{height}, {width * height} pixels, over the limit of {self.max_pixels} "
+                "(MAX_IMAGE_PIXELS)",
+            )
+
+    def spend(self, filename, pixels):
+        """Count ``pixels`` about to be decoded; raise ImageError when the request has none left."""
+        if pixels > self.left:
+            raise ImageError(
+                filename,
+                f"the request's images together are over {self.total} pixels ({REQUEST_PIXELS_FACTOR} x "
+                "MAX_IMAGE_PIXELS): send fewer or smaller images",
+            )
+        self.left -= pixels
+
+
+def decode_image(data, filename, max_pixels, *, budget=None, size=None):
     """Decode ``data`` (bytes) into an upright PIL image, first frame only.
 
-    Raises ImageError for empty, unknown, truncated or oversized images. The size check runs on
-    the header, before decoding, so a decompression bomb costs nothing.
+    Raises ImageError for empty, unknown, truncated or oversized images and for pixels that are
+    not finite numbers. Sizes are checked before anything is decoded: the image, and the tiles
+    of a TIFF and the images inside an ICO, each against ``max_pixels``; ``budget`` (a
+    PixelBudget) also counts them against the request's total. With ``size`` (width, height), a
+    JPEG is decoded at a reduced scale and any image reduced by a whole factor, staying at least
+    ``_REDUCE_MARGIN`` times ``size``: large uploads then cost little memory and time.
     """
     if not data:
         raise ImageError(filename, "the file is empty")
+    if budget is None:
+        budget = PixelBudget(max_pixels)
+    if data[:4] == b"\0\0\1\0":
+        _check_ico_directory(data, filename, budget)  # Pillow decodes an ICO inside open()
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise ImageError(filename, f"not a decodable image (not {_ACCEPTED_NAMES})") from None
     except Exception as exc:  # Pillow raises many types for bytes it cannot identify.
         raise ImageError(filename, f"not a decodable image ({exc.__class__.__name__})") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(
-            filename, f"{width}x{height} is {width * height} pixels, over the limit of {max_pixels} (MAX_IMAGE_PIXELS)"
-        )
+    budget.check(filename, *image.size)
+    decoded = image.width * image.height
+    if isinstance(image, TiffImagePlugin.TiffImageFile):
+        decoded = max(decoded, _tiff_tile_pixels(image, filename, budget))
+    if size and image.format in ("JPEG", "MPO"):
+        reduced_to = _at_least(size)
+        image.draft(None, reduced_to)  # libjpeg scales by 1/2, 1/4 or 1/8 while decoding
+        decoded = image.width * image.height
+    budget.spend(filename, decoded)
     try:
         image.seek(0)
         image.load()
-        return ImageOps.exif_transpose(image)
     except Exception as exc:  # truncated or corrupt data: each decoder has its own error types
         raise ImageError(filename, f"the image data is corrupt or truncated ({exc})") from None
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+        raise ImageError(filename, "some pixels are not finite numbers (NaN or infinity)")
+    if size:
+        image = _reduce(image, _at_least(size))
+    return ImageOps.exif_transpose(image)
+
+
+def _at_least(size):
+    """The smallest size a reduced image keeps: a margin over the model's input, either way up."""
+    side = _REDUCE_MARGIN * max(size)
+    return side, side
+
+
+def _reduce(image, keep):
+    """``image`` reduced by the largest whole factor that keeps it at least ``keep`` (box filter)."""
+    factor = min(image.width // keep[0], image.height // keep[1])
+    if factor < 2:
+        return image
+    # Modes Pillow cannot reduce become the mode preprocessing would make of them anyway.
+    if image.mode == "PA" or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA")
+    elif image.mode == "P":
+        image = image.convert("RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    return image.reduce(factor)
+
+
+def _tiff_tile_pixels(image, filename, budget):
+    """Check each tile of a tiled TIFF against the limit; return the pixels all tiles decode.
+
+    A TIFF's tiles are decoded whole, padding included, and may declare any size whatever the
+    image's: a 16x16 image in one 46336x46336 tile would cost gigabytes.
+    """
+    tags = image.tag_v2
+    width, height = tags.get(TiffImagePlugin.TILEWIDTH), tags.get(TiffImagePlugin.TILELENGTH)
+    if width is None and height is None:
+        return 0  # strips: never wider than the image, and libtiff cuts them at its height
+    if not isinstance(width, int) or not isinstance(height, int) or width < 1 or height < 1:
+        raise ImageError(filename, "not a decodable image (invalid TIFF tile size)")
+    budget.check(filename, width, height, what="a TIFF tile")
+    columns, rows = math.ceil(image.width / width), math.ceil(image.height / height)
+    return columns * rows * width * height
+
+
+def _check_ico_directory(data, filename, budget):
+    """Check the size of every image inside an ICO from its bytes, before Pillow decodes any.
+
+    The directory's own sizes (at most 256x256) are not what is decoded: each entry points at an
+    embedded PNG or BMP whose header says the real size.
+    """
+    try:
+        (count,) = struct.unpack_from("<H", data, 4)
+        for index in range(count):
+            _, _, _, _, _, _, _, offset = struct.unpack_from("<BBBBHHII", data, 6 + 16 * index)
+            if data[offset : offset + 8] == _PNG_MAGIC:
+                width, height = struct.unpack_from(">II", data, offset + 16)  # IHDR, the first chunk
+            else:
+                # A BMP header, OS/2's short one or BITMAPINFOHEADER; its height counts the
+                # image and its transparency mask, one above the other.
+                header_size = struct.unpack_from("<I", data, offset)[0]
+                layout = "<HH" if header_size == 12 else "<ii"
+                width, height = (abs(v) for v in struct.unpack_from(layout, data, offset + 4))
+                height //= 2
+            budget.check(filename, width, height, what=f"icon {index + 1} of the ICO")
+    except struct.error:
+        raise ImageError(filename, "the image data is corrupt or truncated (an ICO entry is cut short)") from None
 
 
 def _pixels(image, channels):
@@ -90,8 +230,56 @@ def _pixels(image, channels):
     return array.reshape(*array.shape[:2], -1)
 
 
+def _flatten_on_contrast(image):
+    """Composite an image with transparent areas onto the background its strokes stand out from:
+    white behind dark strokes, black behind light ones. Transparent areas are background, and a
+    black drawing on a transparent canvas does not vanish into black."""
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return image
+    rgba = image.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32)
+    if alpha.min() == 255:
+        return rgba.convert("RGB")
+    gray = np.asarray(rgba.convert("L"), dtype=np.float32)
+    opaque = float(alpha.sum())
+    dark_strokes = opaque > 0 and float((gray * alpha).sum()) / opaque < 127.5
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if dark_strokes else (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _normalise_polarity(pixels, polarity):
+    """Make HxWxC pixels in [0, 1] look like the network's training images: strokes in its
+    polarity, the background at 0 (or 1) and the strokes at full strength.
+
+    The background level is the median of a thin frame around the image (digits seldom reach the
+    edge; a grey, noisy paper still is background there); strokes darker than it on average make
+    a dark-on-light image. The frame's noise is then cut off, and the strokes stretched to 1.
+    """
+    gray = pixels.mean(axis=2)
+    height, width = gray.shape
+    edge = max(1, round(min(height, width) / 14))
+    frame = np.concatenate(
+        [gray[:edge].ravel(), gray[-edge:].ravel(), gray[edge:-edge, :edge].ravel(), gray[edge:-edge, -edge:].ravel()]
+    )
+    background = float(np.median(frame))
+    if gray.mean() < background:
+        pixels, gray, frame, background = 1.0 - pixels, 1.0 - gray, 1.0 - frame, 1.0 - background
+    noise = 1.4826 * float(np.median(np.abs(frame - background)))  # the frame's spread (MAD as sigma)
+    floor = background + 2.0 * noise
+    ink = float(np.percentile(gray, 99))
+    if ink - floor > 0.05:  # else a blank or near-blank image: nothing to stretch
+        pixels = np.clip((pixels - floor) / (ink - floor), 0.0, 1.0)
+    return 1.0 - pixels if polarity == DARK_ON_LIGHT else pixels
+
+
 def preprocess(image, spec):
-    """Turn a decoded image into the CxHxW float tensor the network was trained on."""
+    """Turn a decoded image into the CxHxW float tensor the network was trained on.
+
+    Unless the model's polarity is "none", transparent areas become background and the image is
+    brought to the model's polarity, background and stroke levels (:func:`_normalise_polarity`).
+    """
+    if spec.polarity != NO_POLARITY:
+        image = _flatten_on_contrast(image)
     pixels = _pixels(image, spec.channels)
     if pixels.shape[:2] != (spec.height, spec.width):
         resized = [
@@ -103,6 +291,8 @@ def preprocess(image, spec):
             for c in range(spec.channels)
         ]
         pixels = np.stack(resized, axis=-1)
+    if spec.polarity != NO_POLARITY:
+        pixels = _normalise_polarity(pixels, spec.polarity).astype(np.float32, copy=False)
     tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
     if spec.mean is not None and spec.std is not None:
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
@@ -144,10 +334,12 @@ class Classifier:
             results.append(Prediction(ranked[0][0], ranked[0][1], ranked if top_k else None))
         return results
 
-    def prepare(self, data, filename, max_pixels):
+    def prepare(self, data, filename, max_pixels, budget=None):
         """Decode one upload and preprocess it at once: only its small tensor outlives the call,
-        so a request of many large images never holds all their bitmaps together."""
-        return preprocess(decode_image(data, filename, max_pixels), self.input_spec)
+        so a request of many large images never holds all their bitmaps together. ``budget`` (a
+        PixelBudget) bounds the pixels all uploads of a request decode together."""
+        size = (self.input_spec.width, self.input_spec.height)
+        return preprocess(decode_image(data, filename, max_pixels, budget=budget, size=size), self.input_spec)
 
     def predict(self, images, top_k=None):
         """Classify decoded images in one batched forward pass, in the order given."""

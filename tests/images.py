@@ -123,3 +123,87 @@ VALID_KINDS = {
     "cmyk_jpeg": lambda: (cmyk_jpeg(0), digit_png(0)[1]),
     "exif_rotated_jpeg": lambda: (exif_rotated_jpeg(0), digit_png(0)[1]),
 }
+
+
+def ico_with_png(embedded, declared=16):
+    """An ICO whose one directory entry says ``declared`` x ``declared`` but holds the PNG ``embedded``."""
+    side = declared % 256  # 0 means 256 in an ICO directory
+    entry = struct.pack("<BBBBHHII", side, side, 0, 0, 1, 32, len(embedded), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + embedded
+
+
+def ico_bomb(side=40000):
+    """A 16x16 icon by its directory whose embedded PNG is ``side`` x ``side``: Pillow decodes it in open()."""
+    return ico_with_png(bomb_png(side))
+
+
+def _tiff(width, height, tags, data, bits=8, sample_format=1):
+    """A little-endian one-IFD grayscale TIFF: ``tags`` adds to or replaces the basic ones."""
+    entries = {
+        256: (4, width),  # ImageWidth, LONG
+        257: (4, height),  # ImageLength
+        258: (3, bits),  # BitsPerSample, SHORT
+        259: (3, 1),  # Compression: none
+        262: (3, 1),  # PhotometricInterpretation: BlackIsZero
+        277: (3, 1),  # SamplesPerPixel
+        339: (3, sample_format),  # SampleFormat: 1 unsigned, 3 IEEE float
+        **tags,
+    }
+    ifd_offset = 8
+    data_offset = ifd_offset + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, (kind, value) in sorted(entries.items()):
+        if value == "DATA_OFFSET":
+            value = data_offset
+        elif value == "DATA_LENGTH":
+            value = len(data)
+        packed = struct.pack("<H", value) + b"\0\0" if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, 1) + packed
+    return b"II*\0" + struct.pack("<I", ifd_offset) + ifd + b"\0\0\0\0" + data
+
+
+def tiff_tile_bomb(tile=46336, real=False):
+    """A 16x16 TIFF stored as one deflate tile declared ``tile`` x ``tile``.
+
+    Tiny (a few hundred bytes) unless ``real``: then the tile's data really inflates to
+    ``tile``² bytes, about a thousandth of that on the wire.
+    """
+    compressor = zlib.compressobj(9)
+    if real:
+        row = b"\0" * tile
+        data = b"".join(compressor.compress(row) for _ in range(tile)) + compressor.flush()
+    else:
+        data = compressor.compress(b"\0" * 1024) + compressor.flush()
+    tags = {
+        259: (3, 8),  # Compression: deflate
+        322: (4, tile),  # TileWidth
+        323: (4, tile),  # TileLength
+        324: (4, "DATA_OFFSET"),  # TileOffsets
+        325: (4, "DATA_LENGTH"),  # TileByteCounts
+    }
+    return _tiff(16, 16, tags, data)
+
+
+def float_tiff(value, side=28):
+    """A ``side`` x ``side`` 32-bit float TIFF (Pillow mode F) filled with ``value`` (NaN, inf...)."""
+    return encode(Image.fromarray(np.full((side, side), value, dtype=np.float32), mode="F"), "TIFF")
+
+
+def flat_png(mode, side, **params):
+    """A ``side`` x ``side`` PNG of one colour in ``mode``: tiny on the wire, ``side``² pixels to decode."""
+    return encode(Image.new(mode, (side, side), 1), "PNG", compress_level=9, **params)
+
+
+def ico_with_bmp(width, height):
+    """An ICO of 16x16 by its directory whose one entry is a BMP header declaring ``width`` x ``height``."""
+    # BITMAPINFOHEADER; an icon's height counts its image and its mask. No pixel data follows.
+    header = struct.pack("<IiiHHIIiiII", 40, width, 2 * height, 1, 32, 0, 0, 0, 0, 0, 0)
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(header), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + header
+
+
+def gif_frame_bomb(side=20000):
+    """A GIF whose screen is 16x16 but whose first frame is ``side`` x ``side`` (Pillow grows the image to it)."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", 16, 16, 0, 0, 0)
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, side, side, 0) + b"\x02\x02\x44\x01\x00"
+    return screen + frame + b"\x3b"

@@ -6,6 +6,7 @@ filename ever reaches the disk.
 """
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import uuid4
@@ -14,6 +15,7 @@ import psutil
 import pytest
 import requests
 
+from config.settings import Settings
 from tests import images
 from tests.support import ROOT, SERVICE_VARIABLES, multipart_body, run_gunicorn, wait_for_workers
 
@@ -92,6 +94,10 @@ REJECTED = [
     Rejected("truncated PNG", lambda: files(("cut.png", images.truncated(_png()))), 422, "cut.png"),
     Rejected("truncated JPEG", lambda: files(("cut.jpg", images.truncated(images.jpeg()))), 422, "cut.jpg"),
     Rejected("20000x20000 PNG bomb", lambda: files(("bomb.png", images.bomb_png())), 422, "MAX_IMAGE_PIXELS"),
+    Rejected("ICO holding a 20000x20000 PNG", lambda: files(("bomb.ico", images.ico_bomb(20000))), 422, "MAX_IMAGE_PIXELS"),
+    Rejected("TIFF with a 46336x46336 tile", lambda: files(("tile.tiff", images.tiff_tile_bomb())), 422, "MAX_IMAGE_PIXELS"),
+    Rejected("float TIFF of NaN", lambda: files(("nan.tiff", images.float_tiff(float("nan")))), 422, "not finite"),
+    Rejected("float TIFF of infinity", lambda: files(("inf.tiff", images.float_tiff(float("inf")))), 422, "not finite"),
     Rejected("body one byte over MAX_CONTENT_LENGTH", lambda: sized(MAX_CONTENT_LENGTH + 1), 413, "Too Large"),
     Rejected("chunked body one byte over", lambda: sized_chunked(MAX_CONTENT_LENGTH + 1), 413, "Too Large"),
     Rejected("MAX_FILES + 1 files", lambda: files(*[("d.png", _png())] * (MAX_FILES + 1)), 422, "MAX_FILES"),
@@ -226,6 +232,28 @@ def test_odd_but_valid_upload_gets_a_sensible_prediction(service, case):
         if case.label is not None:
             assert item["prediction"] == case.label
     assert_still_serving(service)
+
+
+BOMBS = [case for case in REJECTED if "MAX_IMAGE_PIXELS" in case.says]
+# The documented bound on what one upload adds to a worker's peak memory (README,
+# MAX_IMAGE_PIXELS): four bitmaps of the largest image at 4 bytes a pixel, plus a margin.
+PEAK_BOUND = 4 * 4 * Settings.MAX_IMAGE_PIXELS + 64 * 2**20
+
+
+def _memory(pid, field):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) * 1024
+
+
+@pytest.mark.parametrize("case", BOMBS, ids=lambda case: case.name)
+def test_a_bomb_leaves_the_workers_peak_memory_within_the_bound(service, case):
+    before = {}
+    for pid in service.workers:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the kernel resets the peak to the current size
+        before[pid] = _memory(pid, "VmRSS")
+    assert post(service, case.request(), case.params).status_code == 422
+    growth = max(_memory(pid, "VmHWM") - before[pid] for pid in service.workers)
+    assert growth <= PEAK_BOUND, f"a worker's peak memory grew by {growth / 2**20:.0f} MiB"
 
 
 def test_no_upload_or_filename_reached_the_disk(service):

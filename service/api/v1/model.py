@@ -8,7 +8,7 @@ from flask_smorest import Blueprint, abort
 
 from service import observability, security
 from service.api import MODEL_VERSION_HEADER, model_registry
-from service.inference import ImageError
+from service.inference import ImageError, PixelBudget
 from service.registry import ModelLoadError, ModelNotReady
 from service.schemas import PredictQuerySchema, PredictResponseSchema, UploadSchema, VersionResponseSchema
 
@@ -62,8 +62,9 @@ def predict(image_file, top_k=None):
     if top_k is not None and top_k > len(classifier.labels):
         abort(422, message=f"top_k must be between 1 and {len(classifier.labels)} (the number of labels), got {top_k}")
     max_pixels = current_app.config["MAX_IMAGE_PIXELS"]
+    budget = PixelBudget(max_pixels)  # for all images of the request together
     try:
-        tensors = [classifier.prepare(upload.read(), upload.filename, max_pixels) for upload in image_file]
+        tensors = [classifier.prepare(upload.read(), upload.filename, max_pixels, budget) for upload in image_file]
     except ImageError as exc:
         abort(422, message=f"image_file {exc}", errors={"files": {"image_file": [str(exc)]}})
     started = time.perf_counter()
