@@ -1,0 +1,46 @@
+"""What gunicorn's hooks call, without gunicorn: the metrics directory across reloads, one-line errors."""
+
+import os
+
+from config import metrics_dir
+from service.hooks import one_line
+
+
+def test_a_configured_metrics_directory_is_emptied_of_old_metric_files_only(tmp_path):
+    (tmp_path / "counter_1.db").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("keep me")
+    environ = {}
+
+    assert metrics_dir.prepare(str(tmp_path), environ, pid=100) == str(tmp_path)
+
+    assert not (tmp_path / "counter_1.db").exists() and (tmp_path / "notes.txt").exists()
+    assert environ["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path)
+
+
+def test_a_reload_of_the_same_master_keeps_the_live_metric_files(tmp_path):
+    environ = {}
+    metrics_dir.prepare(str(tmp_path), environ, pid=100)
+    (tmp_path / "counter_200.db").write_bytes(b"a worker's counts")
+
+    # gunicorn reads its config file again on SIGHUP, in the same master process.
+    assert metrics_dir.prepare(None, environ, pid=100) == str(tmp_path)
+
+    assert (tmp_path / "counter_200.db").exists()
+
+
+def test_without_a_configured_directory_each_master_gets_its_own(tmp_path):
+    first, second = {}, {}
+    made = metrics_dir.prepare(None, first, pid=100)
+    try:
+        assert os.path.isdir(made) and first["PROMETHEUS_MULTIPROC_DIR"] == made
+        # A new master (a re-exec inherits the environment) starts from a clean directory.
+        second.update(first)
+        (open(os.path.join(made, "counter_1.db"), "wb")).close()
+        assert metrics_dir.prepare(made, second, pid=200) == made
+        assert not os.path.exists(os.path.join(made, "counter_1.db"))
+    finally:
+        os.rmdir(made)
+
+
+def test_start_up_errors_are_one_printable_line():
+    assert one_line("bad\nthing\x00 here\t now") == "bad thing\\x00 here now"
