@@ -11,6 +11,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?)?\s*$", re.IGNORECASE)
+# The model's name in Open Inference Protocol URLs (/v2/models/<name>): one plain path segment.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
 _SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -25,6 +27,7 @@ class Settings:
     PRED_MODEL_UUID: str | None = None
     PRED_MODEL_PATH: str | None = None
     PRED_MODEL_URI: str | None = None
+    PRED_MODEL_NAME: str | None = None
     MODELS_DIR: str = str(PROJECT_ROOT / "models")
     USE_CUDA: bool = False
     USE_MPS: bool = False
@@ -157,6 +160,12 @@ def from_env(environ=None):
         )
     if model_path and model_uri:
         raise ConfigError("PRED_MODEL_URI: set either PRED_MODEL_PATH or PRED_MODEL_URI, not both")
+    model_name = _text(environ, "PRED_MODEL_NAME")
+    if model_name and not _MODEL_NAME.match(model_name):
+        raise ConfigError(
+            f"PRED_MODEL_NAME: expected letters, digits and . _ : @ + - (it is part of /v2/models/<name> URLs), "
+            f"got {model_name!r}"
+        )
     origins = tuple(o.strip() for o in environ.get("CORS_ORIGINS", "").split(",") if o.strip())
     if "*" in origins:
         raise ConfigError("CORS_ORIGINS: list the allowed origins explicitly; '*' is not accepted")
@@ -164,6 +173,7 @@ def from_env(environ=None):
         PRED_MODEL_UUID=model_uuid,
         PRED_MODEL_PATH=model_path,
         PRED_MODEL_URI=model_uri,
+        PRED_MODEL_NAME=model_name,
         MODELS_DIR=str(Path(environ.get("MODELS_DIR") or PROJECT_ROOT / "models").absolute()),
         USE_CUDA=_flag(environ, "USE_CUDA"),
         USE_MPS=_flag(environ, "USE_MPS"),

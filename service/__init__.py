@@ -11,6 +11,7 @@ from config.logging import configure_logging
 from service import cli, observability
 from service.api import health, metrics
 from service.api.v1 import model as model_v1
+from service.api.v2 import inference as inference_v2
 from service.http import ServiceApi, UploadRequest
 from service.registry import EXTENSION, ModelRegistry
 from service.security import BEARER_SCHEME
@@ -77,6 +78,7 @@ def create_app(test_config=None):
     if app.config.get("API_KEY"):
         api.spec.components.security_scheme("bearerAuth", BEARER_SCHEME)
     api.register_blueprint(model_v1.blp)
+    api.register_blueprint(inference_v2.blp)
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
     app.register_blueprint(
