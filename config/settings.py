@@ -61,30 +61,27 @@ def _flag(environ, name, default=False):
     raise ConfigError(f"{name}: expected a boolean (1/0, true/false, yes/no, on/off), got {raw!r}")
 
 
-def _positive_int(environ, name, default):
+def _int(environ, name, default, minimum=1):
+    """A whole number of at least ``minimum`` (1: a positive count; 0: a count where 0 turns a feature off)."""
     raw = environ.get(name)
     if raw is None or not raw.strip():
         return default
+    kind = "a positive whole number" if minimum == 1 else f"a whole number ({minimum} or more)"
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name}: expected a positive whole number, got {raw!r}") from None
-    if value < 1:
-        raise ConfigError(f"{name}: must be at least 1, got {value}")
+        raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
     return value
+
+
+def _positive_int(environ, name, default):
+    return _int(environ, name, default, minimum=1)
 
 
 def _whole_number(environ, name, default):
-    raw = environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a whole number (0 or more), got {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name}: must be 0 or more, got {value}")
-    return value
+    return _int(environ, name, default, minimum=0)
 
 
 def parse_size(raw):
