@@ -39,8 +39,9 @@ def _served():
 
 
 @blp.route("/predict", methods=["POST"])
-@blp.arguments(PredictQuerySchema, location="query", as_kwargs=True)
-@blp.arguments(UploadSchema, location="files", as_kwargs=True)
+# Schema instances, not classes: webargs would build a schema from a class on every request.
+@blp.arguments(PredictQuerySchema(), location="query", as_kwargs=True)
+@blp.arguments(UploadSchema(), location="files", as_kwargs=True)
 @blp.response(200, PredictResponseSchema, headers=MODEL_VERSION_HEADER_DOC)
 @blp.alt_response(400, response="BAD_REQUEST")
 @blp.alt_response(401, response="UNAUTHORIZED")
