@@ -14,6 +14,12 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # A caller's id is kept only when it is short and plain, so it is safe in logs and headers.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
+# Label values come from closed sets, so no request can add a time series: a client chooses the
+# method and the path, and each new label value would be a new series in every worker's file.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+OTHER = "other"
+UNMATCHED = "<unmatched>"
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 REQUESTS = Counter("http_requests_total", "HTTP requests served.", ["endpoint", "method", "status"])
@@ -80,14 +86,22 @@ def _start_request():
     g.request_started = time.perf_counter()
 
 
+def request_labels(url_rule, method, status_code):
+    """The endpoint, method and status labels of a request, each from a closed set: the app's
+    route templates or ``<unmatched>``, KNOWN_METHODS or ``other``, 100-599 or ``other``."""
+    endpoint = url_rule.rule if url_rule is not None else UNMATCHED
+    method = method if method in KNOWN_METHODS else OTHER
+    status = str(status_code) if 100 <= status_code <= 599 else OTHER
+    return endpoint, method, status
+
+
 def _finish_request(response):
     response.headers[REQUEST_ID_HEADER] = current_request_id()
-    endpoint = request.url_rule.rule if request.url_rule else "<unmatched>"
-    status = str(response.status_code)
+    labels = request_labels(request.url_rule, request.method, response.status_code)
     started = g.get("request_started")
     if started is not None:
-        REQUEST_LATENCY.labels(endpoint, request.method, status).observe(time.perf_counter() - started)
-    REQUESTS.labels(endpoint, request.method, status).inc()
+        REQUEST_LATENCY.labels(*labels).observe(time.perf_counter() - started)
+    REQUESTS.labels(*labels).inc()
     return response
 
 

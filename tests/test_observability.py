@@ -121,6 +121,25 @@ def test_a_restart_does_not_carry_old_counts(tmp_path, tiny_checkpoint):
         assert total(scrape(second.url), "http_requests_total", endpoint=PREDICT) == 1
 
 
+def test_made_up_methods_and_paths_add_no_time_series(tmp_path, tiny_checkpoint):
+    """Every label value comes from a closed set, whatever the clients send."""
+    env = {**CLEAN, "PRED_MODEL_PATH": tiny_checkpoint, "PROMETHEUS_MULTIPROC_DIR": tmp_path / "metrics"}
+    with run_gunicorn(tmp_path, env=env, workers=1) as server:
+        for n in range(150):
+            made_up = requests.request(f"M{n:06d}", f"{server.url}{PREDICT if n % 2 else f'/x{n}'}", timeout=30)
+            assert made_up.status_code in (404, 405)
+        assert requests.request("GET", f"{server.url}/health/live", timeout=30).status_code == 200
+        series = {
+            (labels["endpoint"], labels["method"], labels["status"])
+            for name, labels, _ in scrape(server.url)
+            if name == "http_requests_total"
+        }
+    routes = {"/health/live", "/health/ready", "/metrics", PREDICT, "<unmatched>"}
+    assert {method for _, method, _ in series} <= {"GET", "POST", "other"}, series
+    assert {endpoint for endpoint, _, _ in series} <= routes, series
+    assert len(series) <= 4, f"150 made-up requests made {len(series)} series: {sorted(series)}"
+
+
 # -- request ids and log lines ------------------------------------------------------------------
 
 
