@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import logging
 import re
 from datetime import datetime
@@ -12,6 +13,7 @@ from flask import request
 from werkzeug.test import EnvironBuilder
 
 from config.settings import ConfigError, Settings, from_env, server_from_env
+from service.schemas import PredictResponseSchema
 from tests import images
 from tests.support import digit_batch, template_probabilities
 
@@ -144,6 +146,15 @@ def test_top_k_adds_the_k_most_probable_labels(client, expected, k):
         if k == len(DIGITS):
             assert sorted(entry["label"] for entry in ranked) == DIGITS
             assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("query", [{}, {"top_k": 3}])
+def test_the_predict_body_is_exactly_what_its_documented_schema_gives(client, query):
+    response = client.post(PREDICT, data=digits(0, 2), query_string=query)
+    assert response.status_code == 200, response.json
+    body = response.get_json()
+    assert json.dumps(PredictResponseSchema().dump(body)) == json.dumps(body)
+    assert PredictResponseSchema().validate(body) == {}
 
 
 @pytest.mark.parametrize("k", ["0", "-1", "11", "abc", "1.5", ""])
