@@ -10,6 +10,10 @@ from werkzeug.utils import cached_property
 from werkzeug.wsgi import LimitedStream
 
 
+class _BodyTooLarge(RequestEntityTooLarge):
+    """The body is over MAX_CONTENT_LENGTH (rather than a part of it over a form limit)."""
+
+
 class _BodyLimit(LimitedStream):
     """MAX_CONTENT_LENGTH on a body the server delimits (chunked or not), exactly.
 
@@ -23,7 +27,26 @@ class _BodyLimit(LimitedStream):
 
     def on_exhausted(self):
         if self._source.read(1):
-            super().on_exhausted()
+            raise _BodyTooLarge()
+
+
+class _PartCounter:
+    """A multipart body as the form parser reads it, counting its boundary delimiters: when the
+    parser refuses the body, the count says whether it had too many parts."""
+
+    def __init__(self, stream, boundary):
+        self._stream = stream
+        self._delimiter = b"--" + boundary
+        self._tail = b""
+        self.delimiters = 0
+
+    def read(self, size=-1):
+        data = self._stream.read(size)
+        # The tail is shorter than a delimiter: one split across two reads is counted once.
+        window = self._tail + data
+        self.delimiters += window.count(self._delimiter)
+        self._tail = window[-(len(self._delimiter) - 1) :] if len(self._delimiter) > 1 else b""
+        return data
 
 
 class UploadRequest(Request):
@@ -35,8 +58,15 @@ class UploadRequest(Request):
         if limit is None or "wsgi.input_terminated" not in self.environ:
             return super().stream
         if self.content_length is not None and self.content_length > limit:
-            raise RequestEntityTooLarge()
+            raise _BodyTooLarge()
         return _BodyLimit(self.environ["wsgi.input"], limit)
+
+    def _get_stream_for_parsing(self):
+        stream = super()._get_stream_for_parsing()
+        boundary = self.mimetype_params.get("boundary")
+        if self.mimetype == "multipart/form-data" and boundary:
+            stream = self._part_counter = _PartCounter(stream, boundary.encode("ascii", "replace"))
+        return stream
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return io.BytesIO()
@@ -53,6 +83,28 @@ class UploadRequest(Request):
             abort(400, message=f"malformed {self.mimetype} body: its text, filenames included, must be UTF-8")
         except ValueError as exc:
             abort(400, message=f"malformed {self.mimetype} body: {exc}")
+        except RequestEntityTooLarge as exc:
+            limit = self.max_content_length
+            counter = getattr(self, "_part_counter", None)
+            if isinstance(exc, _BodyTooLarge) or counter is None or (
+                limit is not None and self.content_length is not None and self.content_length > limit
+            ):
+                raise
+            # Else the form parser refused a part: say which limit, with the setting behind it. A
+            # 422, as for too many files: 413 stays "over MAX_CONTENT_LENGTH", whoever answers it
+            # (nginx answers that one itself, and its own 413 replaces the service's).
+            if counter.delimiters > self.max_form_parts:
+                max_files = current_app.config["MAX_FILES"]
+                abort(
+                    422,
+                    message=f"the form has more than {self.max_form_parts} parts: send at most {max_files} "
+                    "image files (MAX_FILES), each as a part named image_file",
+                )
+            abort(
+                422,
+                message=f"a form field is larger than {self.max_form_memory_size} bytes: send each image as "
+                "a file (a part with a filename)",
+            )
 
 
 class StrictJSONProvider(DefaultJSONProvider):

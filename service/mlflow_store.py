@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = f"{MODEL_ARTIFACT_DIR}/{MODEL_FILE}"
 # A run id becomes a folder name: accept what MLflow generates, never a path.
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,255}$")
+_RUN_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,255}\Z")  # \Z: no trailing newline
 _URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 # Unreachable servers should fail in seconds: MLflow's own client retries for minutes.
 PROBE_TIMEOUT_S = 10

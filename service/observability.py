@@ -12,7 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A caller's id is kept only when it is short and plain, so it is safe in logs and headers.
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_VALID_REQUEST_ID = re.compile(r"\A[A-Za-z0-9._:@/+=-]{1,128}\Z")  # \Z: no trailing newline
 
 # Label values come from closed sets, so no request can add a time series: a client chooses the
 # method and the path, and each new label value would be a new series in every worker's file.

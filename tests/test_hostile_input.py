@@ -48,6 +48,12 @@ def body_of_size(total):
     return body, content_type
 
 
+def many_parts(count):
+    """A body of ``count`` one-byte text fields, each part as short as multipart allows."""
+    part = b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\nx\r\n'
+    return {"data": part * count + b"--b--\r\n", "headers": {"Content-Type": "multipart/form-data; boundary=b"}}
+
+
 def sized(total):
     body, content_type = body_of_size(total)
     return {"data": body, "headers": {"Content-Type": content_type}}
@@ -101,6 +107,7 @@ REJECTED = [
     Rejected("body one byte over MAX_CONTENT_LENGTH", lambda: sized(MAX_CONTENT_LENGTH + 1), 413, "Too Large"),
     Rejected("chunked body one byte over", lambda: sized_chunked(MAX_CONTENT_LENGTH + 1), 413, "Too Large"),
     Rejected("MAX_FILES + 1 files", lambda: files(*[("d.png", _png())] * (MAX_FILES + 1)), 422, "MAX_FILES"),
+    Rejected("1,001 parts", lambda: many_parts(1001), 422, "more than 1000 parts"),
     Rejected(
         "non-UTF-8 filename",
         lambda: raw((b"image_file", b"\xff\xfe" + TOKEN.encode() + b"\xe9.png", _png())),
@@ -209,6 +216,7 @@ def test_hostile_upload_gets_a_json_error(service, case):
     response = post(service, case.request(), case.params)
     assert response.status_code == case.status, response.text[:500]
     assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"  # filenames are echoed: never sniffed as HTML
     assert response.headers["X-Request-ID"]
     body = response.json()
     assert body["code"] == case.status
@@ -221,6 +229,7 @@ def test_hostile_upload_gets_a_json_error(service, case):
 def test_odd_but_valid_upload_gets_a_sensible_prediction(service, case):
     response = post(service, case.request(), case.params)
     assert response.status_code == 200, response.text[:500]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
     predictions = response.json()["data"]
     for item in predictions:
         assert item["image_filename"] == case.filename  # echoed as sent, in JSON, never as a path
