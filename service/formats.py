@@ -4,13 +4,18 @@ Formats read, in the order they are recognised:
 
 - TorchScript archives with a ``metadata.json`` extra file (a *program*: see below);
 - the project's own checkpoint and the template's: ``{"model_state_dict": ..., "metadata": {...}}``;
-- a bare ``state_dict`` (the template's architecture and labels).
+- a bare ``state_dict`` (the template's architecture and labels);
+- an MLflow model directory (``MLmodel`` and ``data/``) written by ``mlflow.pytorch.log_model`` or
+  ``save_model`` with MLflow 3's ``torch.export`` format (``data/model.pt2``).
 
 Trust model: a checkpoint or a state_dict is plain weights, read with
 ``torch.load(weights_only=True)``, which refuses anything that would need arbitrary unpickling.
 A TorchScript archive is a program: its ``forward()`` runs whatever code was compiled into it
 (file access included). Programs are served only when ``allow_programs`` is set
-(``ALLOW_MODEL_PROGRAMS``).
+(``ALLOW_MODEL_PROGRAMS``). A ``torch.export`` archive is a program too, and ``torch.export.load``
+unpickles parts of it: when the MLmodel's ``metadata`` names one of :mod:`service.architectures`,
+only its raw weight tensors are read, into that architecture, and no code from the archive runs;
+otherwise it is loaded as a program. A pickled ``nn.Module`` (``data/model.pth``) is always refused.
 """
 
 import hashlib
@@ -25,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from config.settings import Settings
 from service import architectures
-from service.inference import Classifier, InputSpec
+from service.inference import POLARITIES, Classifier, InputSpec
 
 TEMPLATE_ARCHITECTURE = "digit_cnn"
 TEMPLATE_LABELS = tuple(str(d) for d in range(10))
@@ -39,6 +45,14 @@ MODEL_FILE = "model.pt"
 _MODEL_PATH_LAYOUT = re.compile(r"(?:^|/)models/(?P<uuid>[^/]+)/model/[^/]+$")
 _UNPICKLING_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _PROGRAMS_SETTING = "ALLOW_MODEL_PROGRAMS"
+MLMODEL = "MLmodel"
+_EXPORTED_FILE = "model.pt2"
+_PICKLED_FILE = "model.pth"
+# torch.export's serialized dtypes (torch/_export/serde/schema.py ScalarType) that weights may have.
+_EXPORT_DTYPES = {
+    1: torch.uint8, 2: torch.int8, 3: torch.int16, 4: torch.int32, 5: torch.int64, 6: torch.float16,
+    7: torch.float32, 8: torch.float64, 12: torch.bool, 13: torch.bfloat16,
+}
 
 
 class ModelFileError(ValueError):
@@ -85,7 +99,7 @@ def _is_torchscript(data):
 
 
 def input_spec(metadata):
-    """The :class:`InputSpec` a model's metadata describes (``input_shape``, ``normalize``)."""
+    """The :class:`InputSpec` a model's metadata describes (``input_shape``, ``normalize``, ``polarity``)."""
     shape = metadata.get("input_shape", (1, 28, 28))
     if not isinstance(shape, (list, tuple)) or len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1:
         raise ModelFileError(f"input_shape must be [channels (1 or 3), height, width], got {shape!r}")
@@ -97,7 +111,10 @@ def input_spec(metadata):
         if len(mean) != shape[0] or len(std) != shape[0] or any(s == 0 for s in std):
             raise ModelFileError(f"normalize mean and std need {shape[0]} values each, std non-zero")
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    return InputSpec(int(shape[0]), int(shape[1]), int(shape[2]), mean, std)
+    polarity = metadata.get("polarity")  # unset: InputSpec's default for the channel count
+    if polarity is not None and polarity not in POLARITIES:
+        raise ModelFileError(f"polarity must be one of {', '.join(POLARITIES)}, got {polarity!r}")
+    return InputSpec(int(shape[0]), int(shape[1]), int(shape[2]), mean, std, polarity)
 
 
 def labels_of(metadata):
@@ -150,6 +167,11 @@ def _load_checkpoint(data):
     if not isinstance(metadata, dict):
         raise ModelFileError("the checkpoint's 'metadata' must be a dict")
     metadata.setdefault("architecture", TEMPLATE_ARCHITECTURE)
+    return _build(state_dict, metadata), metadata
+
+
+def _build(state_dict, metadata):
+    """The architecture ``metadata`` names, with ``state_dict`` loaded into it."""
     try:
         module = architectures.build(metadata["architecture"], num_classes=len(labels_of(metadata)))
     except ValueError as exc:
@@ -175,7 +197,7 @@ def _load_checkpoint(data):
     # forward pass), with results equal up to float rounding. Only for our own architectures,
     # which reshape rather than view their activations; a TorchScript model is left as it is.
     module.to(memory_format=torch.channels_last)
-    return module, metadata
+    return module
 
 
 def read_model(data, allow_programs=False):
@@ -240,10 +262,236 @@ def read_bytes(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
 
 
 def read_model_file(path, allow_programs=False, max_size=Settings.MAX_MODEL_FILE_SIZE):
-    """Read the model file at ``path`` into a :class:`ModelFile`; ModelFileError says why not."""
+    """Read the model file, or MLflow model directory, at ``path`` into a :class:`ModelFile`;
+    ModelFileError says why not. A directory's sha256 covers the names and contents of its files."""
+    if Path(path).is_dir():
+        files = read_directory(path, max_size)
+        try:
+            classifier, metadata = read_mlflow_model(files, allow_programs)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+        return ModelFile(classifier, metadata, directory_sha256(files), sum(len(data) for data in files.values()))
     data = read_bytes(path, max_size)
     try:
         classifier, metadata = read_model(data, allow_programs)
     except ModelFileError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
     return ModelFile(classifier, metadata, hashlib.sha256(data).hexdigest(), len(data))
+
+
+# -- MLflow model directories (mlflow.pytorch.log_model / save_model) ------------------------------
+
+
+class ExportedProgram(torch.nn.Module):
+    """A ``torch.export`` program as a module; one exported for a fixed batch size runs in chunks of it."""
+
+    def __init__(self, program, batch=None):
+        super().__init__()
+        self.program, self.batch = program, batch
+
+    def train(self, mode=True):
+        # An exported graph has no train/eval switch (it raises): it runs as it was exported.
+        self.training = mode
+        return self
+
+    def forward(self, x):
+        if self.batch is None or x.shape[0] == self.batch:
+            return self.program(x)
+        chunks = list(x.split(self.batch))
+        short = self.batch - chunks[-1].shape[0]
+        if short:
+            chunks[-1] = torch.cat([chunks[-1], chunks[-1].new_zeros((short, *x.shape[1:]))])
+        return torch.cat([self.program(chunk) for chunk in chunks])[: x.shape[0]]
+
+
+def read_directory(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
+    """Every file under the directory ``path``, by relative POSIX name; at most ``max_size`` bytes in all.
+
+    Only regular files and folders: a symbolic link, a FIFO or a device is refused.
+    """
+    path = Path(path)
+    if not (path / MLMODEL).is_file():
+        raise ModelFileError(f"{path} is a directory without an {MLMODEL} file: expected a model file or an MLflow model")
+    files, total = {}, 0
+    for root, folders, names in os.walk(path):
+        folders.sort()
+        for name in folders + names:
+            if (Path(root) / name).is_symlink():
+                raise ModelFileError(f"{Path(root) / name} is a symbolic link: an MLflow model holds plain files only")
+        for name in sorted(names):
+            full = Path(root) / name
+            data = read_bytes(full, max(0, max_size - total))
+            total += len(data)
+            files[full.relative_to(path).as_posix()] = data
+    return files
+
+
+def directory_sha256(files):
+    """A SHA-256 over a directory's file names and contents (as :func:`read_directory` returns them)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + len(files[name]).to_bytes(8, "little"))
+        digest.update(files[name])
+    return digest.hexdigest()
+
+
+def _tensor_shapes(signature, key):
+    """The shapes of the tensors in an MLmodel signature's ``inputs`` or ``outputs`` ([] if none)."""
+    text = signature.get(key) if isinstance(signature, dict) else None
+    if not text:
+        return []
+    try:
+        specs = json.loads(text)
+    except ValueError:
+        raise ModelFileError(f"the {MLMODEL} signature's {key} are not valid JSON") from None
+    shapes = []
+    for spec in specs if isinstance(specs, list) else []:
+        tensor = spec.get("tensor-spec") if isinstance(spec, dict) and spec.get("type") == "tensor" else None
+        shape = tensor.get("shape") if isinstance(tensor, dict) else None
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise ModelFileError(f"the {MLMODEL} signature's {key} must be tensors, got {spec!r:.120}")
+        shapes.append(shape)
+    return shapes
+
+
+def _mlflow_metadata(mlmodel):
+    """The metadata the registry needs, from the MLmodel's ``metadata`` and its signature."""
+    metadata = mlmodel.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ModelFileError(f"the {MLMODEL} metadata must be a mapping")
+    metadata = dict(metadata)
+    inputs = _tensor_shapes(mlmodel.get("signature"), "inputs")
+    outputs = _tensor_shapes(mlmodel.get("signature"), "outputs")
+    if "input_shape" not in metadata and inputs:
+        if len(inputs) != 1 or len(inputs[0]) != 4:
+            raise ModelFileError(
+                f"the {MLMODEL} signature must have one input tensor [batch, channels, height, width], got {inputs}"
+            )
+        metadata["input_shape"] = inputs[0][1:]
+    if "labels" not in metadata and len(outputs) == 1 and len(outputs[0]) == 2 and outputs[0][1] > 0:
+        metadata["labels"] = [str(i) for i in range(outputs[0][1])]
+    return metadata
+
+
+def _weights_of_export(data, name):
+    """The weights of a ``torch.export`` archive as a state_dict, read as raw tensors: nothing in the
+    archive is unpickled but by ``torch.load(weights_only=True)``, and none of its code runs."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise ModelFileError(f"{name} is not a torch.export archive (not a zip file)") from None
+    with archive:
+        names = set(archive.namelist())
+        config_suffix = "data/weights/model_weights_config.json"
+        config_name = next((n for n in sorted(names) if n.endswith(config_suffix)), None)
+        if config_name is None:
+            raise ModelFileError(f"{name} has no {config_suffix} (saved by a torch older than 2.7?)")
+        root = config_name[: -len(config_suffix)]
+        byteorder = f"{root}byteorder"
+        if byteorder in names and archive.read(byteorder).strip() != b"little":
+            raise ModelFileError(f"{name} holds big-endian weights")
+        entries = json.loads(archive.read(config_name)).get("config") or {}
+        state_dict = {}
+        for key, entry in entries.items():
+            member = f"{root}data/weights/{entry['path_name']}"
+            if "/" in entry["path_name"] or member not in names:
+                raise ModelFileError(f"{name}: weight {key!r} points at a missing file {entry['path_name']!r}")
+            raw = archive.read(member)
+            if entry.get("use_pickle"):
+                tensor = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+                if not isinstance(tensor, torch.Tensor):
+                    raise ModelFileError(f"{name}: weight {key!r} is not a tensor")
+            else:
+                tensor = _raw_tensor(raw, entry["tensor_meta"], f"{name}: weight {key!r}")
+            state_dict[key] = tensor
+    return state_dict
+
+
+def _raw_tensor(raw, meta, what):
+    dtype = _EXPORT_DTYPES.get(meta.get("dtype"))
+    if dtype is None:
+        raise ModelFileError(f"{what} has an unsupported dtype ({meta.get('dtype')!r})")
+    sizes = [d["as_int"] for d in meta["sizes"]]
+    strides = [d["as_int"] for d in meta["strides"]]
+    offset = meta["storage_offset"]["as_int"]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(raw) % itemsize or len(sizes) != len(strides) or min([offset, *sizes, *strides], default=0) < 0:
+        raise ModelFileError(f"{what}: its size, shape or strides do not fit its data")
+    storage = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(sizes, strides)) if all(sizes) else -1
+    if last >= storage.numel():
+        raise ModelFileError(f"{what}: its shape {sizes} reaches past its {storage.numel()} stored values")
+    return torch.as_strided(storage, sizes, strides, offset).clone()
+
+
+def _load_export_program(data, name):
+    """A ``torch.export`` archive loaded as a program (it may unpickle: trusted files only)."""
+    program = torch.export.load(io.BytesIO(data)).module()
+    inputs = [node for node in program.graph.nodes if node.op == "placeholder"]
+    if len(inputs) != 1:
+        raise ModelFileError(f"{name} takes {len(inputs)} inputs; a classifier takes one image batch")
+    value = inputs[0].meta.get("val")
+    batch = value.shape[0] if value is not None and isinstance(value.shape[0], int) else None
+    return ExportedProgram(program, batch)
+
+
+def read_mlflow_model(files, allow_programs=False):
+    """Build a CPU :class:`Classifier` and its metadata from an MLflow model directory's files.
+
+    Reads ``mlflow.pytorch``'s ``torch.export`` format (``data/model.pt2``): as plain weights when
+    the MLmodel's ``metadata`` names an architecture of :mod:`service.architectures`, else as a
+    program (``allow_programs`` only). The input shape comes from the signature (or metadata
+    ``input_shape``), the labels from metadata ``labels``, else ``0..N-1`` for N outputs. A pickled
+    ``nn.Module`` (``data/model.pth``) is refused.
+    """
+    try:
+        mlmodel = yaml.safe_load(files[MLMODEL])
+    except yaml.YAMLError as exc:
+        raise ModelFileError(f"{MLMODEL} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(mlmodel, dict):
+        raise ModelFileError(f"{MLMODEL} is not a mapping")
+    flavors = mlmodel.get("flavors") or {}
+    flavor = flavors.get("pytorch") if isinstance(flavors, dict) else None
+    if not isinstance(flavor, dict):
+        raise ModelFileError(
+            f"the MLflow model has no pytorch flavor (it has {', '.join(map(str, flavors)) or 'none'}): "
+            "log it with mlflow.pytorch.log_model"
+        )
+    data_dir = str(flavor.get("model_data") or "data").strip("/")
+    exported, pickled = files.get(f"{data_dir}/{_EXPORTED_FILE}"), files.get(f"{data_dir}/{_PICKLED_FILE}")
+    if exported is None:
+        if pickled is not None:
+            raise ModelFileError(
+                f"refused: {data_dir}/{_PICKLED_FILE} is a pickled nn.Module (serialization_format='pickle'), "
+                "and loading it would run arbitrary code: log the model with serialization_format='pt2' "
+                "(MLflow 3's default) instead"
+            )
+        raise ModelFileError(f"the MLflow model has no {data_dir}/{_EXPORTED_FILE}")
+    name = f"{data_dir}/{_EXPORTED_FILE}"
+    metadata = _mlflow_metadata(mlmodel)
+    try:
+        if metadata.get("architecture") in architectures.ARCHITECTURES:
+            if "labels" not in metadata:
+                raise ModelFileError("give labels in the logged model's metadata, or an output signature [-1, classes]")
+            module = _build(_weights_of_export(exported, name), metadata)
+            module.eval()
+        elif not allow_programs:
+            raise ModelFileError(
+                f"refused: {name} is a torch.export program that runs its own graph, and loading it unpickles "
+                f"parts of it; set {_PROGRAMS_SETTING}=1 to serve programs you trust, or name its architecture "
+                f"({', '.join(sorted(architectures.ARCHITECTURES))}) in the logged model's metadata to load its "
+                "weights only"
+            )
+        else:
+            if "input_shape" not in metadata:
+                raise ModelFileError(f"{name}: the MLflow model needs a signature giving its input shape")
+            module = _load_export_program(exported, name)
+            metadata.setdefault("architecture", "torch.export")
+            if "labels" not in metadata:
+                classes = module(torch.zeros((1, *metadata["input_shape"]))).shape[-1]
+                metadata["labels"] = [str(i) for i in range(classes)]
+        return Classifier(module, labels_of(metadata), input_spec(metadata)), metadata
+    except ModelFileError:
+        raise
+    except Exception as exc:  # torch raises many types for malformed archives
+        raise ModelFileError(f"cannot load {name}: {error_detail(exc)}") from None

@@ -27,13 +27,15 @@ from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
 from config import settings
-from service.formats import MODEL_ARTIFACT_DIR, MODEL_FILE, read_model
+from service.formats import MLMODEL, MODEL_ARTIFACT_DIR, MODEL_FILE, read_model_file
 
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = f"{MODEL_ARTIFACT_DIR}/{MODEL_FILE}"
 # A run id becomes a folder name: accept what MLflow generates, never a path.
 _RUN_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,255}\Z")  # \Z: no trailing newline
+# MLflow 3's logged-model ids: models:/m-<hex>.
+_MODEL_ID = re.compile(r"^m-[A-Za-z0-9]{1,64}$")
 _URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 # Unreachable servers should fail in seconds: MLflow's own client retries for minutes.
 PROBE_TIMEOUT_S = 10
@@ -259,8 +261,9 @@ def _check_download(staging, files, artifact, allow_programs=False):
         if size is not None and local.stat().st_size != size:
             raise FetchError(f"{path} is {local.stat().st_size} bytes after the download, expected {size}")
     try:
-        classifier, metadata = read_model((staging / artifact).read_bytes(), allow_programs)
-    except Exception as exc:  # read_model's ValueErrors, and whatever else torch raises for a broken file
+        model = read_model_file(staging / artifact, allow_programs)
+        classifier, metadata = model.classifier, model.metadata
+    except Exception as exc:  # read_model_file's ValueErrors, and whatever else torch raises for a broken file
         raise ModelRefused(f"{artifact} cannot be served: {first_line(exc)}") from None
     return classifier, metadata
 
@@ -294,16 +297,21 @@ def download_run(
     """
     target_file = local_model_path(models_dir, run_id, artifact)
     target = Path(models_dir) / run_id
-    if target_file.is_file():
-        log.info("run %s is already downloaded: %s", run_id, target_file)
-        return target_file
+    folder = _model_folder(artifact)
+    if target_file.is_file() or (target / folder / MLMODEL).is_file():
+        found = target_file if target_file.is_file() else target / folder
+        log.info("run %s is already downloaded: %s", run_id, found)
+        return found
     tracking = tracking or connect(tracking_uri)
     get_run(tracking, run_id)
     try:
         files = _list_files(tracking, run_id)
     except Exception as exc:
         raise _failure(exc, tracking, f"artifacts of run {run_id}") from None
-    if artifact not in files:
+    installed = artifact
+    if artifact not in files and f"{folder}/{MLMODEL}" in files:  # an MLflow model directory
+        artifact, target_file, installed = folder, target / folder, f"{folder}/{MLMODEL}"
+    elif artifact not in files:
         listed = ", ".join(sorted(files)[:8]) or "no artifacts at all"
         raise FetchError(f"run {run_id} has no {artifact} artifact (it has {listed})")
     total = sum(size or 0 for size in files.values())
@@ -328,7 +336,7 @@ def download_run(
         except FetchError as exc:
             raise type(exc)(f"run {run_id}: {exc}") from None
         try:
-            _install(staging, target, artifact)
+            _install(staging, target, installed)
         except OSError as exc:
             raise FetchError(f"cannot move run {run_id} into {target}: {exc.strerror}") from None
     finally:
@@ -339,8 +347,15 @@ def download_run(
     return target_file
 
 
+def _model_folder(artifact):
+    """The folder an artifact path names when it is an MLflow model: ``x`` for ``x`` or ``x/model.pt``."""
+    suffix = f"/{MODEL_FILE}"
+    return artifact[: -len(suffix)] if artifact.endswith(suffix) else artifact
+
+
 def _parse_uri(uri):
-    """Split a model URI into ("runs", run_id, artifact) or ("models", name, (alias, version))."""
+    """Split a model URI into ("runs", run_id, artifact), ("models", name, (alias, version)) or
+    ("logged", model_id, None)."""
     if uri.startswith("runs:/"):
         run_id, _, artifact = uri[len("runs:/"):].strip("/").partition("/")
         if not run_id:
@@ -348,6 +363,8 @@ def _parse_uri(uri):
         return "runs", run_id, model_file(artifact)
     if uri.startswith("models:/"):
         rest = uri[len("models:/"):].strip("/")
+        if _MODEL_ID.match(rest):
+            return "logged", rest, None
         if "@" in rest:
             name, _, alias = rest.partition("@")
             if name and alias and "/" not in alias:
@@ -356,7 +373,7 @@ def _parse_uri(uri):
             name, _, version = rest.rpartition("/")
             if name and version.isdigit():
                 return "models", name, (None, version)
-        raise FetchError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        raise FetchError(f"{uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> or models:/<model id>")
     raise FetchError(f"{uri!r}: expected a runs:/ or models:/ URI")
 
 
@@ -403,9 +420,21 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False):
             name, models_dir, detail, tracking_uri=tracking_uri, progress=False, allow_programs=allow_programs
         )
         return FetchedModel(path, name)
+    if kind == "logged":
+        return download_logged_model(name, models_dir, tracking_uri=tracking_uri, allow_programs=allow_programs)
     alias, number = detail
     tracking = connect(tracking_uri)
     version = _registered_version(tracking, uri, name, alias, number)
+    logged_id = (version.source or "")[len("models:/"):] if (version.source or "").startswith("models:/") else ""
+    if _MODEL_ID.match(logged_id):
+        # MLflow 3: the version is a logged model (mlflow.<flavor>.log_model), not a run's artifact.
+        try:
+            fetched = download_logged_model(logged_id, models_dir, tracking, allow_programs=allow_programs)
+        except ModelRefused as exc:
+            exc.version = str(version.version)
+            raise
+        log.info("%s is version %s of %s, logged model %s", uri, version.version, name, logged_id)
+        return FetchedModel(fetched.path, fetched.run_id, name, str(version.version))
     if not version.run_id:
         raise FetchError(f"{uri}: version {version.version} of {name} has no run to fetch the model from")
     try:
@@ -418,3 +447,74 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False):
         raise
     log.info("%s is version %s of %s, from run %s", uri, version.version, name, version.run_id)
     return FetchedModel(path, version.run_id, name, str(version.version))
+
+
+def _list_logged_files(tracking, model_id, path=None):
+    """Return {artifact path: size in bytes or None} for every file of a logged model, recursively."""
+    files = {}
+    for info in tracking.client.list_logged_model_artifacts(model_id, path):
+        if info.is_dir:
+            files.update(_list_logged_files(tracking, model_id, info.path))
+        else:
+            files[info.path] = info.file_size
+    return files
+
+
+def download_logged_model(model_id, models_dir, tracking=None, tracking_uri=None, allow_programs=False):
+    """Download MLflow 3 logged model ``model_id`` (``models:/m-...``) into ``<models_dir>/<model_id>/``.
+
+    The folder is the MLflow model directory itself (``MLmodel``, ``data/``...); like
+    :func:`download_run`, only a complete, checked download is moved into place, and a finished
+    one is reused without contacting the server. Returns a :class:`FetchedModel` whose ``run_id``
+    is the run that logged the model (or the model id when there is none).
+    """
+    check_run_id(model_id)
+    target = Path(models_dir) / model_id
+    tracking = tracking or connect(tracking_uri)
+    try:
+        logged = tracking.client.get_logged_model(model_id)
+    except Exception as exc:
+        raise _failure(exc, tracking, f"logged model {model_id}") from None
+    run_id = logged.source_run_id or model_id
+    if (target / MLMODEL).is_file():
+        log.info("logged model %s is already downloaded: %s", model_id, target)
+        return FetchedModel(target, run_id)
+    try:
+        files = _list_logged_files(tracking, model_id)
+    except Exception as exc:
+        raise _failure(exc, tracking, f"artifacts of logged model {model_id}") from None
+    if MLMODEL not in files:
+        listed = ", ".join(sorted(files)[:8]) or "no artifacts at all"
+        raise FetchError(f"logged model {model_id} has no {MLMODEL} (it has {listed})")
+    try:
+        Path(models_dir).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{model_id}.", suffix=".partial", dir=models_dir))
+    except OSError as exc:
+        raise FetchError(f"cannot write to {models_dir} (MODELS_DIR): {exc.strerror}") from None
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
+        log.info(
+            "downloading logged model %s from %s: %d file(s), %s, into %s",
+            model_id, tracking.shown, len(files), _size(sum(size or 0 for size in files.values())), target,
+        )
+        try:
+            with _artifacts_progress_bar(False):
+                # The model's files land in a folder named after the last part of its location.
+                downloaded = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=logged.artifact_location, dst_path=str(staging), tracking_uri=tracking.uri
+                ))
+        except Exception as exc:
+            raise FetchError(f"downloading logged model {model_id} failed: {first_line(exc)}") from None
+        try:
+            classifier, metadata = _check_download(downloaded, files, ".", allow_programs)
+        except FetchError as exc:
+            raise type(exc)(f"logged model {model_id}: {exc}") from None
+        try:
+            downloaded.chmod(0o755)
+            _install(downloaded, target, MLMODEL)
+        except OSError as exc:
+            raise FetchError(f"cannot move logged model {model_id} into {target}: {exc.strerror}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("checked and saved %s (%s, %d labels)", target, metadata["architecture"], len(classifier.labels))
+    return FetchedModel(target, run_id)

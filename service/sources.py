@@ -1,9 +1,10 @@
 """Model sources: where the served model comes from, resolved to a local file and its provenance.
 
 - :class:`PathSource` is ``PRED_MODEL_PATH``: a file on this host.
-- :class:`MlflowSource` is ``PRED_MODEL_URI``: ``runs:/<run id>/<path>``, ``models:/<name>/<version>``
-  or ``models:/<name>@<alias>``, fetched from the tracking server into ``MODELS_DIR`` (once per
-  host); only the alias form changes its model over time, which :meth:`MlflowSource.peek` sees.
+- :class:`MlflowSource` is ``PRED_MODEL_URI``: ``runs:/<run id>/<path>``, ``models:/<name>/<version>``,
+  ``models:/<name>@<alias>`` or ``models:/<model id>`` (an MLflow 3 logged model), fetched from the
+  tracking server into ``MODELS_DIR`` (once per host) as a model file or an MLflow model directory;
+  only the alias form changes its model over time, which :meth:`MlflowSource.peek` sees.
 """
 
 from dataclasses import dataclass, field
