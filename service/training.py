@@ -35,6 +35,11 @@ DEFAULT_EXPERIMENT = "digit-classifier"
 CHECKPOINT_NAME = MODEL_FILE
 CONFUSION_MATRIX = "confusion_matrix.png"
 SAMPLE_PREDICTIONS = "sample_predictions.png"
+# The network as an MLflow model (mlflow.pytorch.log_model), beside the template's model/model.pt.
+LOGGED_MODEL_NAME = "classifier"
+# MLflow 3's UI opens an experiment with this tag as model training, not as a GenAI experiment.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 _EVAL_BATCH = 256
 
 
@@ -295,6 +300,7 @@ class LoggedRun:
     test_accuracy: float
     model_name: str | None = None
     model_version: str | None = None
+    model_id: str | None = None
 
 
 def _experiment_id(client, name):
@@ -304,14 +310,44 @@ def _experiment_id(client, name):
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             experiment = client.get_experiment_by_name(name)
     if experiment.lifecycle_stage != "active":
         raise ValueError(f"experiment {name!r} is deleted: restore it in the MLflow UI or pick another name")
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def log_network(tracking, run_id, trained, examples):
+    """Log the trained network to run ``run_id`` with ``mlflow.pytorch.log_model`` (torch.export
+    format, signature and input example from ``examples``, an Nx1x28x28 batch with N > 1 so the batch
+    size stays free) and return the logged model's id. Its metadata names the architecture, so the
+    service reads it as plain weights."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = trained.model.eval()
+    example = examples.numpy()
+    with torch.inference_mode():
+        output = model(examples).numpy()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking.uri)
+    try:
+        # MLflow prints the run's links on stdout; stdout is for the run id alone (scripts read it).
+        with contextlib.redirect_stdout(sys.stderr), mlflow.start_run(run_id=run_id):
+            logged = mlflow.pytorch.log_model(
+                model, name=LOGGED_MODEL_NAME, input_example=example, signature=infer_signature(example, output),
+                metadata=trained.checkpoint()["metadata"], serialization_format="pt2",
+                # Named, not inferred: inferring loads the model in a child process, for seconds.
+                pip_requirements=[f"torch=={torch.__version__}"],
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return logged.model_id
 
 
 def register(client, run_id, name, alias=None):
@@ -376,6 +412,7 @@ def train_and_log(
             )
             client.log_artifact(run_id, str(folder / CONFUSION_MATRIX))
             client.log_artifact(run_id, str(folder / SAMPLE_PREDICTIONS))
+        model_id = log_network(tracking, run_id, trained, _tensors(test_images[:4]))
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -390,5 +427,5 @@ def train_and_log(
     )
     version = register(client, run_id, register_name, alias) if register_name else None
     return LoggedRun(
-        run_id, trained.test_accuracy, register_name, str(version.version) if version else None
+        run_id, trained.test_accuracy, register_name, str(version.version) if version else None, model_id
     )

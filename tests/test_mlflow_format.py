@@ -238,3 +238,33 @@ def test_a_logged_model_id_naming_its_architecture_serves_as_plain_weights(user_
         assert version["architecture"] == "digit_cnn"
         answers_both_apis(server, "digit_cnn", batch, probabilities)
     assert (tmp_path / ids["named"] / "MLmodel").is_file()
+
+
+@pytest.mark.slow
+def test_training_logs_the_network_as_an_mlflow_model_the_service_serves(user_models, tmp_path):
+    from mlflow import MlflowClient
+
+    from service import mlflow_store
+    from service.training import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TrainConfig, train_and_log
+
+    url = user_models[0]
+    tracking = mlflow_store.connect(url)
+    logged = train_and_log(TrainConfig(epochs=1, train_limit=200), tracking, experiment="trained", progress=False)
+    client = MlflowClient(url)
+    assert client.get_experiment_by_name("trained").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert "model/model.pt" in [f.path for f in client.list_artifacts(logged.run_id, "model")]
+    model = client.get_logged_model(logged.model_id)
+    assert model.source_run_id == logged.run_id
+    files = [f.path for f in client.list_logged_model_artifacts(logged.model_id)]
+    assert {"MLmodel", "input_example.json"} <= set(files)
+    fetched = mlflow_store.fetch_model_uri(f"models:/{logged.model_id}", tmp_path, tracking_uri=url)
+    served = read_model_file(fetched.path)  # plain weights: no programs allowed
+    assert served.metadata["architecture"] == "digit_cnn"
+    assert "signature" in (fetched.path / "MLmodel").read_text()
+    checkpoint = tmp_path / "checkpoint"
+    mlflow_store.download_run(logged.run_id, checkpoint, tracking=tracking)
+    batch = digit_batch(range(8))
+    torch.testing.assert_close(
+        served.classifier.forward(batch),
+        read_model_file(checkpoint / logged.run_id / "model" / "model.pt").classifier.forward(batch),
+    )
