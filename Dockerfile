@@ -2,8 +2,11 @@
 #
 #   docker build -t prediction-service .                               # CPU-only torch (default)
 #   docker build --build-arg TORCH_VARIANT=cu130 -t prediction-service:cuda .   # CUDA 13.0 torch
-#   docker run -p 8080:8080 -v ./models:/app/models \
-#       -e PRED_MODEL_PATH=/app/models/<run_id>/model/model.pt prediction-service
+#
+# It runs behind nginx (deploy/nginx.conf): docker-compose.yml and the Kubernetes pods
+# (deploy/k8s/) put it there. Never publish its port: one client sending slowly holds a sync
+# worker, a few hold them all; nginx reads whole requests first. Nothing is EXPOSEd, so
+# `docker run -P` publishes nothing either.
 #
 # TORCH_VARIANT names a wheel index of download.pytorch.org/whl/ (cpu, cu126, cu128, cu130...);
 # the versions are the pins of requirements.txt. The CUDA variant also needs USE_CUDA=1 and
@@ -44,7 +47,6 @@ RUN mkdir -p /app/models && chown app:app /app/models
 # Model files are mounted or fetched here (PRED_MODEL_PATH or PRED_MODEL_URI); never baked in.
 VOLUME ["/app/models"]
 USER 10001:10001
-EXPOSE 8080
 # python-slim has no curl; urlopen raises, and python exits 1, on anything but a 2xx.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=90s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('PORT', '8080'), timeout=4)"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gunicorn.config import Config as GunicornConfig
 from kubernetes_validate import utils as k8s_validate
 
 from config import settings
@@ -152,12 +153,12 @@ def test_image_command_is_the_one_the_gunicorn_tests_start():
     assert command == [Path(GUNICORN_CMD[0]).name, *GUNICORN_CMD[1:]]
 
 
-def test_image_runs_as_a_non_root_user_on_the_service_port_with_models_as_a_volume():
+def test_image_runs_as_a_non_root_user_exposes_no_port_and_keeps_models_in_a_volume():
     users = final_stage("USER")
     assert users, "no USER: the image would run as root"
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "use a numeric non-root uid (Kubernetes runAsNonRoot checks it)"
-    assert final_stage("EXPOSE") == [str(settings.server_from_env({}).port)]
+    assert final_stage("EXPOSE") == [], "nothing exposed: `docker run -P` must not publish gunicorn's port"
     (workdir,) = final_stage("WORKDIR")
     volumes = [v for rest in final_stage("VOLUME") for v in json.loads(rest)]
     assert volumes == [f"{workdir}/models"], "models/ of the app directory must be the volume"
@@ -215,9 +216,9 @@ def resource(kind):
     return found
 
 
-def container():
-    (api,) = resource("Deployment")["spec"]["template"]["spec"]["containers"]
-    return api
+def container(name="api"):
+    (found,) = [c for c in resource("Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return found
 
 
 def configmap_settings():
@@ -253,12 +254,11 @@ def test_configmap_is_accepted_by_the_service_settings():
 
 def test_deployment_probes_and_shutdown_fit_gunicorn():
     api = container()
-    port_names = {p["name"]: p["containerPort"] for p in api["ports"]}
-    assert port_names["http"] == settings.server_from_env(configmap_settings()).port
     assert api["livenessProbe"]["httpGet"]["path"] == "/health/live"
     assert api["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    (nginx_port,) = [p["containerPort"] for p in container("nginx")["ports"]]
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert api[probe]["httpGet"]["port"] in port_names
+        assert api[probe]["httpGet"]["port"] == nginx_port, "gunicorn listens on loopback: probes go through nginx"
 
     pod = resource("Deployment")["spec"]["template"]["spec"]
     pre_stop = api["lifecycle"]["preStop"]["exec"]["command"]
@@ -291,7 +291,7 @@ def test_service_autoscaler_and_budget_point_at_the_deployment():
     service = resource("Service")
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    assert {p["targetPort"] for p in service["spec"]["ports"]} <= {p["name"] for p in container()["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= {p["name"] for p in container("nginx")["ports"]}
     hpa = resource("HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                      "name": deployment["metadata"]["name"]}
@@ -302,6 +302,41 @@ def test_service_autoscaler_and_budget_point_at_the_deployment():
     budgets = [doc for _, doc in manifests() if doc["kind"] == "PodDisruptionBudget"]
     for budget in budgets:
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_in_a_pod_only_nginx_is_reachable_and_gunicorn_listens_on_loopback():
+    """Sync workers are held by slow clients: the pod's way in is nginx with deploy/nginx.conf."""
+    port = settings.server_from_env(configmap_settings()).port
+    gunicorn_args = configmap_settings()["GUNICORN_CMD_ARGS"]
+    assert GunicornConfig().parser().parse_args(shlex.split(gunicorn_args)).bind == [f"127.0.0.1:{port}"]
+    assert "ports" not in container("api"), "gunicorn's port is not a port of the pod"
+
+    nginx = container("nginx")
+    env = {item["name"]: item["value"] for item in nginx["env"]}
+    assert env["API_UPSTREAM"] == f"127.0.0.1:{port}"
+    (listen,) = nginx["ports"]
+    assert env["NGINX_PORT"] == str(listen["containerPort"]) and listen["name"] == "http"
+    assert {p["targetPort"] for p in resource("Service")["spec"]["ports"]} == {"http"}
+    placeholders = set(re.findall(r"\$\{(\w+)\}", NGINX_CONF.read_text()))
+    assert all(re.fullmatch(env["NGINX_ENVSUBST_FILTER"], name) for name in placeholders)
+    assert not re.fullmatch(env["NGINX_ENVSUBST_FILTER"], "request_id")
+    assert nginx["resources"]["requests"], "the autoscaler needs requests on every container"
+
+    # The site is deploy/nginx.conf itself: kustomize makes the ConfigMap the sidecar mounts from it.
+    kustomization = yaml.safe_load((ROOT / "deploy" / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(f"k8s/{path.name}" for path in K8S_DIR.glob("*.yaml"))
+    (generated,) = kustomization["configMapGenerator"]
+    assert generated["files"] == ["nginx.conf"]
+    volumes = {v["name"]: v for v in resource("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in nginx["volumeMounts"]}
+    site = mounts["/etc/nginx/templates/default.conf.template"]
+    assert volumes[site["name"]]["configMap"]["name"] == generated["name"] and site["subPath"] == "nginx.conf"
+    if nginx["securityContext"].get("readOnlyRootFilesystem"):
+        for writable in ("/etc/nginx/conf.d", "/var/cache/nginx", "/var/run"):
+            assert "emptyDir" in volumes[mounts[writable]["name"]], f"nginx writes to {writable}"
+    grace = resource("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert "nginx -s quit" in " ".join(nginx["lifecycle"]["preStop"]["exec"]["command"]), "a graceful stop"
+    assert grace > settings.server_from_env(configmap_settings()).graceful_timeout
 
 
 # --- docker compose ---------------------------------------------------------------------------
