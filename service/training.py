@@ -162,6 +162,7 @@ class TrainedModel:
                 "architecture": ARCHITECTURE,
                 "input_shape": list(INPUT_SPEC.shape),
                 "normalize": None,
+                "polarity": INPUT_SPEC.polarity,
                 "labels": list(LABELS),
             },
         }

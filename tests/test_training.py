@@ -83,11 +83,13 @@ def test_the_checkpoint_is_what_the_registry_reads(trained_checkpoint):
         "architecture": "digit_cnn",
         "input_shape": [1, 28, 28],
         "normalize": None,
+        "polarity": "light-on-dark",
         "labels": list(LABELS),
     }
     classifier, metadata = read_model(trained_checkpoint.read_bytes())
     assert classifier.labels == LABELS
     assert classifier.input_spec == InputSpec()
+    assert classifier.input_spec.polarity == "light-on-dark"
 
 
 def test_default_training_reaches_95_percent_on_held_out_digits_sent_as_png(trained_checkpoint):
