@@ -5,8 +5,9 @@ embedded demo, goes through :func:`download_run`: the run's artifacts land in a 
 beside ``models/<run_id>/``, the model file is loaded as the service would load it, and only then
 is the folder renamed into place. A broken transfer therefore never leaves a model that is served.
 
-MLflow reads its own variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_TRACKING_USERNAME``,
-``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_INSECURE_TLS``...).
+The tracking server is ``MLFLOW_TRACKING_URI``, else the local one (``config.settings.tracking_uri``);
+MLflow reads its other variables itself (``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD``,
+``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_INSECURE_TLS``...).
 """
 
 import logging

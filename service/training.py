@@ -380,7 +380,7 @@ def train_and_log(
 
     from service import mlflow_store
 
-    tracking = tracking or mlflow_store.connect()
+    tracking = tracking or mlflow_store.connect(create=True)  # training may start a new local store
     client = tracking.client
     run = client.create_run(
         _experiment_id(client, experiment),

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_checkpoint):
-    assert shutil.which("wrk"), "wrk is not installed (Debian package wrk; .ci/run installs it)"
+    assert shutil.which("wrk"), "wrk is not installed (Debian package wrk; make test installs it)"
     folder = tmp_path_factory.mktemp("bench")
     with run_gunicorn(folder, env={"PRED_MODEL_PATH": tiny_checkpoint}) as gunicorn:
         yield gunicorn

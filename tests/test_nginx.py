@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 def nginx_binary():
     found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    assert found, "nginx is not installed (Debian package nginx; .ci/run installs it)"
+    assert found, "nginx is not installed (Debian package nginx; make test installs it)"
     return found
 
 
