@@ -5,10 +5,14 @@ from flask_smorest.fields import Upload
 
 
 class UploadSchema(ma.Schema):
-    """The multipart form of a prediction request."""
+    """The multipart form of a prediction request. Other fields are ignored, as the template ignored them."""
+
+    class Meta:
+        # Documented as allowed (no additionalProperties: false), and dropped when parsing.
+        unknown = ma.EXCLUDE
 
     image_file = ma.fields.List(
-        Upload(),
+        Upload(metadata={"minLength": 1}),  # an empty file is refused
         required=True,
         validate=ma.validate.Length(min=1),
         metadata={
@@ -25,7 +29,10 @@ class PredictQuerySchema(ma.Schema):
 
     top_k = ma.fields.Integer(
         validate=ma.validate.Range(min=1),
-        metadata={"description": "Also return the k most probable labels (1 to the number of labels)."},
+        metadata={
+            "description": "Also return the k most probable labels, best first; a k over the number of labels "
+            "returns them all."
+        },
     )
 
 

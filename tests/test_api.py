@@ -157,7 +157,24 @@ def test_the_predict_body_is_exactly_what_its_documented_schema_gives(client, qu
     assert PredictResponseSchema().validate(body) == {}
 
 
-@pytest.mark.parametrize("k", ["0", "-1", "11", "abc", "1.5", ""])
+@pytest.mark.parametrize("k", [11, 10**30])
+def test_a_top_k_over_the_number_of_labels_returns_them_all(client, k):
+    response = client.post(PREDICT, data=digits(0), query_string={"top_k": k})
+    assert response.status_code == 200, response.json
+    assert sorted(entry["label"] for entry in response.json["data"][0]["top_k"]) == DIGITS
+
+
+def test_other_form_fields_are_ignored_as_the_spec_allows(client):
+    spec = client.get("/openapi.json").json
+    upload = spec["components"]["schemas"]["Upload"]
+    assert upload.get("additionalProperties", True) is True
+    data = {**digits(0), "note": "hello", "other_file": (io.BytesIO(b"not an image"), "x.bin")}
+    response = client.post(PREDICT, data=data)
+    assert response.status_code == 200, response.json
+    assert [item["image_filename"] for item in response.json["data"]] == ["digit-0.png"]
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "abc", "1.5", ""])
 def test_top_k_out_of_range_or_not_a_whole_number_is_refused(client, k):
     body = assert_error(client.post(PREDICT, data=digits(0), query_string={"top_k": k}), 422)
     assert "top_k" in str(body.get("errors", "")) + body.get("message", "")
@@ -224,7 +241,7 @@ def test_openapi_spec_documents_the_api(client):
         body = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
     assert "image_file" in body["required"]
     assert body["properties"]["image_file"]["type"] == "array"
-    assert body["properties"]["image_file"]["items"] == {"type": "string", "format": "binary"}
+    assert body["properties"]["image_file"]["items"] == {"type": "string", "format": "binary", "minLength": 1}
     assert [p["name"] for p in predict["parameters"] if p["in"] == "query"] == ["top_k"]
     assert {"200", "413", "422"} <= set(predict["responses"])
     assert "200" in spec["paths"][VERSION]["get"]["responses"]
