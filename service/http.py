@@ -151,3 +151,6 @@ class ServiceApi(Api):
                 payload["message"] = error.description
         defined = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
         return payload, code, {**defined, **(headers or {})}
+
+    def _register_pagination_header(self):
+        """No endpoint paginates: keep X-Pagination and PaginationMetadata out of the spec."""

@@ -244,7 +244,11 @@ def test_openapi_spec_documents_the_api(client):
     assert body["properties"]["image_file"]["items"] == {"type": "string", "format": "binary", "minLength": 1}
     assert [p["name"] for p in predict["parameters"] if p["in"] == "query"] == ["top_k"]
     assert {"200", "413", "422"} <= set(predict["responses"])
+    assert "X-Model-Version" in predict["responses"]["200"]["headers"]
     assert "200" in spec["paths"][VERSION]["get"]["responses"]
+    # Nothing paginates: no pagination schema or header left in the spec by the framework.
+    assert "PaginationMetadata" not in spec["components"].get("schemas", {})
+    assert "PAGINATION" not in spec["components"].get("headers", {})
 
 
 def test_swagger_ui_is_served_with_local_assets_only(client):
