@@ -12,7 +12,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?)?\s*$", re.IGNORECASE)
 # The model's name in Open Inference Protocol URLs (/v2/models/<name>): one plain path segment.
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
+_MODEL_NAME = re.compile(r"\A[A-Za-z0-9._:@+-]{1,128}\Z")
 _SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 

@@ -36,7 +36,7 @@ MODEL_ARTIFACT = f"{MODEL_ARTIFACT_DIR}/{MODEL_FILE}"
 # A run id becomes a folder name: accept what MLflow generates, never a path.
 _RUN_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,255}\Z")  # \Z: no trailing newline
 # MLflow 3's logged-model ids: models:/m-<hex>.
-_MODEL_ID = re.compile(r"^m-[A-Za-z0-9]{1,64}$")
+_MODEL_ID = re.compile(r"\Am-[A-Za-z0-9]{1,64}\Z")
 _URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 # Unreachable servers should fail in seconds: MLflow's own client retries for minutes.
 PROBE_TIMEOUT_S = 10
