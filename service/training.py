@@ -329,13 +329,15 @@ def log_network(tracking, run_id, trained, examples):
     size stays free) and return the logged model's id. Its metadata names the architecture, so the
     service reads it as plain weights."""
     import mlflow
+    from mlflow.environment_variables import MLFLOW_TRACKING_URI
     from mlflow.models import infer_signature
 
     model = trained.model.eval()
     example = examples.numpy()
     with torch.inference_mode():
         output = model(examples).numpy()
-    previous = mlflow.get_tracking_uri()
+    # log_model needs MLflow's global tracking URI; put it back as it was (None: unset) afterwards.
+    previous = MLFLOW_TRACKING_URI.get_raw() if MLFLOW_TRACKING_URI.is_set() else None
     mlflow.set_tracking_uri(tracking.uri)
     try:
         # MLflow prints the run's links on stdout; stdout is for the run id alone (scripts read it).
