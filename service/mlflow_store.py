@@ -253,10 +253,20 @@ def _size(nbytes):
     return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
 
+def _check_inside(path, models_dir):
+    """Raise FetchError when ``path`` (a symbolic link, or under one) leads outside ``models_dir``:
+    what is served from MODELS_DIR must be what was downloaded there."""
+    root = Path(models_dir).resolve()
+    if not Path(path).resolve().is_relative_to(root):
+        raise FetchError(f"{path} leads outside {models_dir} (a symbolic link to {Path(path).resolve()}): not serving it")
+
+
 def _check_download(staging, files, artifact, allow_programs=False):
     """Raise FetchError unless every file arrived whole and the model loads as the service loads it."""
     for path, size in files.items():
         local = staging / path
+        if local.is_symlink():
+            raise FetchError(f"{path} arrived as a symbolic link, not a file")
         if not local.is_file():
             raise FetchError(f"{path} is missing after the download")
         if size is not None and local.stat().st_size != size:
@@ -301,6 +311,7 @@ def download_run(
     folder = _model_folder(artifact)
     if target_file.is_file() or (target / folder / MLMODEL).is_file():
         found = target_file if target_file.is_file() else target / folder
+        _check_inside(found, models_dir)
         log.info("run %s is already downloaded: %s", run_id, found)
         return found
     tracking = tracking or connect(tracking_uri)

@@ -377,6 +377,20 @@ def test_a_runs_uri_already_on_disk_needs_no_tracking_store(tmp_path):
     assert (fetched.path, fetched.run_id) == (model_path, UNKNOWN_RUN)
 
 
+def test_download_refuses_a_planted_link_that_leads_outside_the_models_folder(tmp_path, monkeypatch):
+    outside = write_template_checkpoint(tmp_path / "elsewhere" / "model.pt")
+    planted = tmp_path / "models" / UNKNOWN_RUN / "model" / "model.pt"
+    planted.parent.mkdir(parents=True)
+    planted.symlink_to(outside)
+
+    result = flask_model_in_process(
+        monkeypatch, "download", UNKNOWN_RUN, env=service_env(UNOPENABLE_STORE, tmp_path / "models")
+    )
+
+    assert_one_line_error(result, "leads outside", "symbolic link")
+    assert "export PRED_MODEL_PATH" not in result.stdout
+
+
 def test_the_cli_fails_in_one_line_when_the_local_store_cannot_be_opened(tmp_path, monkeypatch):
     env = service_env(UNOPENABLE_STORE, tmp_path / "models")
     model_file = str(write_template_checkpoint(tmp_path / "model.pt"))

@@ -661,3 +661,18 @@ def test_the_alias_watcher_notifies_only_for_a_new_version(tmp_path):
         watcher.stop()
         watcher.join(5)
     assert not watcher.is_alive()
+
+
+def test_with_verify_model_on_start_a_version_that_fails_its_parity_check_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    write_torchscript(path, COLOUR_METADATA)
+    source = PointedSource(path)  # provenance without an MLflow run: nothing to check parity against
+    master = ModelRegistry(source, allow_programs=True, verify_on_start=True)
+    master.load()  # the master loads; the parity check of the first version runs in the workers
+    source.version = "2"
+
+    rollout = master.refresh()
+
+    assert rollout.outcome is Outcome.REFUSED and rollout.version == "2"
+    assert rollout.reason.startswith("parity check failed: no MLflow run id to compare with")
+    assert master.current.version == "1"
