@@ -10,7 +10,7 @@ from flask.cli import AppGroup
 
 from config.settings import ConfigError, gunicorn_binds
 from service import demo
-from service.formats import ModelFileError, read_bytes, read_model
+from service.formats import ModelFileError, read_model_file
 from service.registry import ModelLoadError, ModelRegistry
 from service.training import DEFAULT_EXPERIMENT, TrainConfig
 
@@ -18,15 +18,15 @@ model_cli = AppGroup("model", help="Inspect, fetch, train and verify models.")
 
 
 @model_cli.command("inspect")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
 def inspect_command(path):
-    """Load a model file as the service would and print what it serves."""
+    """Load a model file (or MLflow model directory) as the service would and print what it serves."""
     config = current_app.config
     try:
-        data = read_bytes(path, config["MAX_MODEL_FILE_SIZE"])
-        classifier, metadata = read_model(data, config["ALLOW_MODEL_PROGRAMS"])
+        model = read_model_file(path, config["ALLOW_MODEL_PROGRAMS"], config["MAX_MODEL_FILE_SIZE"])
     except ModelFileError as exc:
-        raise click.ClickException(f"{path}: {exc}") from None
+        raise click.ClickException(str(exc)) from None
+    classifier, metadata = model.classifier, model.metadata
     summary = {
         "architecture": metadata["architecture"],
         "labels": list(classifier.labels),

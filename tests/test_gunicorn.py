@@ -213,3 +213,14 @@ def test_flask_model_inspect_refuses_a_bad_file_in_one_line(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "not a model file" in result.stderr
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "fifo"])
+def test_flask_model_inspect_refuses_what_is_not_a_regular_file_at_once(tmp_path, path):
+    if path == "fifo":
+        path = tmp_path / "model.pt"
+        os.mkfifo(path)  # reading it would wait for a writer for ever; /dev/zero never ends
+    result = flask("model", "inspect", str(path))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"Error: {path} is not a regular file (a FIFO, device or socket), "
+                                                  "expected a model file"]
