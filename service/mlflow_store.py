@@ -205,12 +205,16 @@ def get_run(tracking, run_id):
         raise _failure(exc, tracking, f"run {run_id}") from None
 
 
-def _list_files(tracking, run_id, path=None):
-    """Return {artifact path: size in bytes or None} for every file of the run, recursively."""
+def _list_files(list_artifacts, owner, path=None):
+    """Return {artifact path: size in bytes or None} for every file under ``path``, recursively.
+
+    ``list_artifacts`` is the client's listing for runs or for logged models, ``owner`` the run or
+    model id it takes.
+    """
     files = {}
-    for info in tracking.client.list_artifacts(run_id, path):
+    for info in list_artifacts(owner, path):
         if info.is_dir:
-            files.update(_list_files(tracking, run_id, info.path))
+            files.update(_list_files(list_artifacts, owner, info.path))
         else:
             files[info.path] = info.file_size
     return files
@@ -317,7 +321,7 @@ def download_run(
     tracking = tracking or connect(tracking_uri)
     get_run(tracking, run_id)
     try:
-        files = _list_files(tracking, run_id)
+        files = _list_files(tracking.client.list_artifacts, run_id)
     except Exception as exc:
         raise _failure(exc, tracking, f"artifacts of run {run_id}") from None
     installed = artifact
@@ -461,17 +465,6 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False):
     return FetchedModel(path, version.run_id, name, str(version.version))
 
 
-def _list_logged_files(tracking, model_id, path=None):
-    """Return {artifact path: size in bytes or None} for every file of a logged model, recursively."""
-    files = {}
-    for info in tracking.client.list_logged_model_artifacts(model_id, path):
-        if info.is_dir:
-            files.update(_list_logged_files(tracking, model_id, info.path))
-        else:
-            files[info.path] = info.file_size
-    return files
-
-
 def download_logged_model(model_id, models_dir, tracking=None, tracking_uri=None, allow_programs=False):
     """Download MLflow 3 logged model ``model_id`` (``models:/m-...``) into ``<models_dir>/<model_id>/``.
 
@@ -492,7 +485,7 @@ def download_logged_model(model_id, models_dir, tracking=None, tracking_uri=None
         log.info("logged model %s is already downloaded: %s", model_id, target)
         return FetchedModel(target, run_id)
     try:
-        files = _list_logged_files(tracking, model_id)
+        files = _list_files(tracking.client.list_logged_model_artifacts, model_id)
     except Exception as exc:
         raise _failure(exc, tracking, f"artifacts of logged model {model_id}") from None
     if MLMODEL not in files:
