@@ -2,7 +2,7 @@
 
 import logging
 
-from flask import Blueprint, Flask
+from flask import Blueprint
 from flask_cors import CORS
 from swagger_ui_bundle import swagger_ui_path
 
@@ -12,7 +12,7 @@ from service import cli, observability
 from service.api import health, metrics
 from service.api.v1 import model as model_v1
 from service.api.v2 import inference as inference_v2
-from service.http import ServiceApi, UploadRequest
+from service.http import ServiceApi, ServiceFlask
 from service.registry import EXTENSION, ModelRegistry
 from service.security import BEARER_SCHEME
 
@@ -51,8 +51,7 @@ def create_app(test_config=None):
     load it on first use, so the ``flask`` CLI works with no model configured. Each app has its
     own model registry, ``app.extensions["model_registry"]``.
     """
-    app = Flask(__name__)
-    app.request_class = UploadRequest
+    app = ServiceFlask(__name__)
     # Keys in schema order, as the template answered: {"image_filename": ..., "prediction": ...}.
     app.json.sort_keys = False
     app.config.from_mapping(settings.from_env().as_config())

@@ -13,10 +13,24 @@ import signal
 import sys
 
 import torch
+from gunicorn.glogging import Logger
 
 from config.settings import server_from_env
 from service import observability
 from service.registry import EXTENSION, AliasWatcher, ModelLoadError, Outcome
+
+
+class ServerLogger(Logger):
+    """gunicorn's logger, which asks its settings whether to write access lines once per
+    (re)configuration instead of on every request (four settings look-ups each time)."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        self._access_log_enabled = Logger.access_log_enabled.fget(self)
+
+    @property
+    def access_log_enabled(self):
+        return self._access_log_enabled
 
 
 def one_line(message):

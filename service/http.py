@@ -2,7 +2,9 @@
 
 import io
 
-from flask import Request, current_app, has_request_context, request
+from inspect import iscoroutinefunction
+
+from flask import Flask, Request, current_app, has_request_context, request
 from flask.json.provider import DefaultJSONProvider
 from flask_smorest import Api, abort
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -105,6 +107,37 @@ class UploadRequest(Request):
                 message=f"a form field is larger than {self.max_form_memory_size} bytes: send each image as "
                 "a file (a part with a filename)",
             )
+
+
+class ServiceFlask(Flask):
+    """The service's Flask app: uploads kept in memory (:class:`UploadRequest`), and each view and
+    hook looked at once, not on every call, for whether it is a coroutine function.
+
+    Flask asks that of every hook and view a request runs, and flask-smorest of each of its
+    decorator layers: about a dozen times per prediction, each through ``inspect``. The
+    functions an app runs are fixed once its blueprints are registered, so the answer is kept
+    (for at most ``_SYNC_VIEWS_KEPT`` of them: a callable made anew per request is not kept).
+    """
+
+    request_class = UploadRequest
+    _SYNC_VIEWS_KEPT = 1024
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sync_views = {}
+
+    def ensure_sync(self, func):
+        try:
+            return self._sync_views[func]
+        except (KeyError, TypeError):  # TypeError: an unhashable callable, looked at every time
+            pass
+        synced = self.async_to_sync(func) if iscoroutinefunction(func) else func
+        if len(self._sync_views) < self._SYNC_VIEWS_KEPT:
+            try:
+                self._sync_views[func] = synced
+            except TypeError:
+                pass
+        return synced
 
 
 class StrictJSONProvider(DefaultJSONProvider):

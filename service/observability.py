@@ -82,8 +82,9 @@ def current_request_id():
 
 
 def _start_request():
-    g.request_id = _bound_request_id.get() or new_request_id(request.headers.get(REQUEST_ID_HEADER))
-    g.request_started = time.perf_counter()
+    request_globals = g._get_current_object()  # one look-up of the proxy, not one per use
+    request_globals.request_id = _bound_request_id.get() or new_request_id(request.headers.get(REQUEST_ID_HEADER))
+    request_globals.request_started = time.perf_counter()
 
 
 def request_labels(url_rule, method, status_code):
@@ -95,13 +96,26 @@ def request_labels(url_rule, method, status_code):
     return endpoint, method, status
 
 
+# The latency and count series of each (endpoint, method, status): metric.labels() validates
+# and locks on every call, and the label sets are closed (request_labels), so this stays small.
+_request_series = {}
+
+
+def _series(labels):
+    series = _request_series.get(labels)
+    if series is None:
+        series = _request_series[labels] = (REQUEST_LATENCY.labels(*labels), REQUESTS.labels(*labels))
+    return series
+
+
 def _finish_request(response):
-    response.headers[REQUEST_ID_HEADER] = current_request_id()
-    labels = request_labels(request.url_rule, request.method, response.status_code)
-    started = g.get("request_started")
+    request_globals, current = g._get_current_object(), request._get_current_object()
+    response.headers[REQUEST_ID_HEADER] = request_globals.get("request_id") or _bound_request_id.get() or "-"
+    latency, count = _series(request_labels(current.url_rule, current.method, response.status_code))
+    started = request_globals.get("request_started")
     if started is not None:
-        REQUEST_LATENCY.labels(*labels).observe(time.perf_counter() - started)
-    REQUESTS.labels(*labels).inc()
+        latency.observe(time.perf_counter() - started)
+    count.inc()
     return response
 
 
@@ -127,12 +141,18 @@ def mark_process_dead(pid, multiprocess_dir):
         multiprocess.mark_process_dead(pid, multiprocess_dir)
 
 
+_prediction_series = {}  # label -> its series of PREDICTIONS: the models' label sets
+
+
 def record_predictions(labels, batch_size, seconds):
     """Count one batched forward pass and the labels it returned."""
     INFERENCE_LATENCY.observe(seconds)
     BATCH_SIZE.observe(batch_size)
     for label in labels:
-        PREDICTIONS.labels(label).inc()
+        series = _prediction_series.get(label)
+        if series is None:
+            series = _prediction_series[label] = PREDICTIONS.labels(label)
+        series.inc()
 
 
 def render_metrics(multiprocess_dir=None):

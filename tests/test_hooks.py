@@ -44,3 +44,15 @@ def test_without_a_configured_directory_each_master_gets_its_own(tmp_path):
 
 def test_start_up_errors_are_one_printable_line():
     assert one_line("bad\nthing\x00 here\t now") == "bad thing\\x00 here now"
+
+
+def test_the_server_logger_asks_once_whether_access_lines_are_written():
+    from gunicorn.config import Config
+
+    from service.hooks import ServerLogger
+
+    with_log, without = Config(), Config()
+    with_log.set("accesslog", "-")
+
+    assert ServerLogger(with_log).access_log_enabled is True
+    assert ServerLogger(without).access_log_enabled is False

@@ -52,3 +52,29 @@ def test_every_response_forbids_content_sniffing(client, method, path):
 def test_answers_keep_the_schema_order_of_keys(client):
     response = client.post(PREDICT, data={"image_file": [(io.BytesIO(images.png()), "d.png")]})
     assert response.get_data(as_text=True).startswith('{"data":[{"image_filename":"d.png","prediction":')
+
+
+def test_the_app_looks_at_each_view_once_for_whether_it_is_a_coroutine(make_app, monkeypatch):
+    import service.http
+
+    looked_at = []
+    real = service.http.iscoroutinefunction
+    monkeypatch.setattr(service.http, "iscoroutinefunction", lambda func: looked_at.append(func) or real(func))
+    client = make_app().test_client()
+
+    for _ in range(3):
+        assert client.get("/api/v1/model/version").status_code == 200
+
+    assert looked_at, "the app did not ask"
+    assert len(looked_at) == len(set(looked_at))  # each hook, view and decorator layer once
+
+
+def test_the_app_keeps_a_bounded_number_of_those_answers(make_app):
+    app = make_app()
+    kept = app._SYNC_VIEWS_KEPT
+    made_per_call = [lambda: None for _ in range(kept + 10)]
+
+    for func in made_per_call:
+        assert app.ensure_sync(func) is func
+
+    assert len(app._sync_views) <= kept

@@ -56,14 +56,16 @@ def predict(image_file, top_k=None):
     come back in upload order. Add `?top_k=N` for the N most probable labels of each image
     (all of them when N is larger). Other form fields are ignored.
     """
-    max_files = current_app.config["MAX_FILES"]
+    app = current_app._get_current_object()  # one look-up of the proxy, not one per use
+    config = app.config
+    max_files = config["MAX_FILES"]
     if len(image_file) > max_files:
         abort(422, message=f"too many files: {len(image_file)} sent, at most {max_files} (MAX_FILES) per request")
     served = _served()
     classifier = served.classifier
     if top_k is not None:
         top_k = min(top_k, len(classifier.labels))  # all of them, as the spec says
-    max_pixels = current_app.config["MAX_IMAGE_PIXELS"]
+    max_pixels = config["MAX_IMAGE_PIXELS"]
     budget = PixelBudget(max_pixels)  # for all images of the request together
     try:
         tensors = [classifier.prepare(upload.read(), upload.filename, max_pixels, budget) for upload in image_file]
@@ -86,7 +88,7 @@ def predict(image_file, top_k=None):
     # The body is already what PredictResponseSchema dumps (its fields, in its order, as str and
     # float): answered as a Response, it skips a second pass through marshmallow. The schema
     # still documents it.
-    return current_app.json.response(body), {MODEL_VERSION_HEADER: served.version}
+    return app.json.response(body), {MODEL_VERSION_HEADER: served.version}
 
 
 @blp.route("/version")
