@@ -1,14 +1,23 @@
-"""The two floors the service is measured against: the least a request can cost in this stack.
+"""The floors the service is measured against: the least a request can cost in this stack.
 
     gunicorn -w 2 -k sync bench.floors:wsgi_floor
     gunicorn -w 2 -k sync bench.floors:flask_floor
+    PRED_MODEL_PATH=model.pt gunicorn -w 2 -k sync bench.floors:model_floor
 
 ``wsgi_floor`` is a bare WSGI callable: it reads the body and answers fixed JSON, so it costs
 what gunicorn, the socket and the load generator cost. ``flask_floor`` is a bare Flask app whose
 view parses the multipart body with ``request.files`` and answers JSON: what any Flask service
-taking uploads pays before it does anything of its own. Neither runs a model. ``make bench``
-posts the same multipart digit to both as to the service.
+taking uploads pays before it does anything of its own. Neither runs a model. ``model_floor`` is
+that bare view running the model's calls the service's predict view makes (``Classifier.prepare``
+and ``Classifier.classify``, one torch thread per worker) and nothing else: no argument or
+response schemas, request ids, metrics or access log. Served like this, the model's work costs
+what it costs between requests, with cold caches, not what the no-HTTP limit's tight loop says;
+what the service costs over ``model_floor`` is its own layers. ``make bench`` posts the same
+multipart digit to all three as to the service.
 """
+
+import os
+from pathlib import Path
 
 from flask import Flask, jsonify, request
 
@@ -38,4 +47,41 @@ def predict():
 @flask_floor.get("/health/ready")
 def ready():
     """What the benchmark polls before it starts."""
+    return {"status": "ok"}
+
+
+model_floor = Flask(f"{__name__}.model")
+_classifier = []  # this worker's, loaded by its first readiness probe (after gunicorn's fork)
+
+
+def _model():
+    if not _classifier:
+        import torch
+
+        from config.settings import Settings
+        from service.formats import read_model
+
+        torch.set_num_threads(1)  # one per worker, as the service runs by default on two cores
+        classifier, _ = read_model(Path(os.environ["PRED_MODEL_PATH"]).read_bytes())
+        classifier.warm_up()
+        _classifier.append((classifier, Settings.MAX_IMAGE_PIXELS))
+    return _classifier[0]
+
+
+@model_floor.post("/api/v1/model/predict")
+def predict_with_model():
+    """Parse the multipart body, run the predict view's model calls, answer JSON."""
+    classifier, max_pixels = _model()
+    files = request.files.getlist("image_file")
+    predictions = classifier.classify([classifier.prepare(f.read(), f.filename, max_pixels) for f in files])
+    return jsonify(data=[
+        {"image_filename": f.filename, "prediction": p.label, "confidence": p.confidence}
+        for f, p in zip(files, predictions)
+    ])
+
+
+@model_floor.get("/health/ready")
+def model_ready():
+    """Ready once this worker has its model."""
+    _model()
     return {"status": "ok"}

@@ -5,14 +5,15 @@ bench/predict.lua, the same multipart digit every time:
 
 - the limit with no HTTP at all: the predict view's own decode + preprocess + forward calls, in
   as many processes as workers, one torch thread each;
-- the two floors of bench/floors.py under gunicorn sync with as many workers: a bare WSGI
-  callable, and a bare Flask view parsing ``request.files`` (no model);
+- the three floors of bench/floors.py under gunicorn sync with as many workers: a bare WSGI
+  callable, a bare Flask view parsing ``request.files`` (no model), and that view running the
+  predict view's model calls;
 - the service exactly as deployed (config/gunicorn.conf.py): one-image requests at concurrency
   1, 8 and 32, then 16-image requests;
 - the service behind nginx with deploy/nginx.conf.
 
-Prints one table and the CPU split of a one-image request (model, framework floor, the
-service's own layers), and writes both, with a plot, into BENCHMARKS.md (between the markers;
+Prints one table and the CPU split of a one-image request (gunicorn, Flask, the model's work
+as served, the service's own layers), and writes both, with a plot, into BENCHMARKS.md (between the markers;
 the rest of that file is left as it is).
 """
 
@@ -53,6 +54,7 @@ LUA_SCRIPT = ROOT / "bench" / "predict.lua"
 FLOORS = (
     ("wsgi", "bench.floors:wsgi_floor", "floor: bare WSGI callable, reads the body"),
     ("flask", "bench.floors:flask_floor", "floor: bare Flask view, request.files"),
+    ("model", "bench.floors:model_floor", "floor: bare Flask view + the model's calls"),
 )
 NGINX_LABEL = "through nginx (deploy/nginx.conf), 1 image per request"
 PREDICT = "/api/v1/model/predict"
@@ -194,7 +196,8 @@ class Gunicorn:
 
     Without ``app``, the service exactly as deployed (config/gunicorn.conf.py, ``model_path``
     served); with ``app`` (``module:callable``), that app under gunicorn's defaults, sync
-    workers, no access log: how the floors in bench/floors.py run.
+    workers, no access log: how the floors in bench/floors.py run (``model_path`` in
+    PRED_MODEL_PATH, for the one that runs the model).
     """
 
     def __init__(self, log_path, workers, model_path=None, app=None):
@@ -215,7 +218,8 @@ class Gunicorn:
         else:
             self.command = [GUNICORN[0], "--workers", str(workers), "--worker-class", "sync",
                             "--bind", f"127.0.0.1:{self.port}", app]
-            self.env = child_environment({"GUNICORN_CMD_ARGS": None, "WEB_CONCURRENCY": None})
+            self.env = child_environment({"GUNICORN_CMD_ARGS": None, "WEB_CONCURRENCY": None,
+                                          "PRED_MODEL_PATH": model_path})
         self.workers = workers
         self.process = None
 
@@ -465,18 +469,17 @@ def table(runs):
 
 def split(service, floors, nginx, limit):
     """The CPU of a one-image request at concurrency 8, part by part: rows of (part, ms, how)."""
-    wsgi, flask = floors.get("wsgi"), floors.get("flask")
-    if not (service and wsgi and flask):
+    wsgi, flask, model = floors.get("wsgi"), floors.get("flask"), floors.get("model")
+    if not (service and wsgi and flask and model):
         return []
     rows = [
-        ("the model's work: decode, preprocess, forward pass, top label", limit.cpu_ms,
-         "the no-HTTP limit's CPU per call"),
         ("gunicorn (sync worker), sockets and wrk", wsgi.cpu_ms, "the bare-WSGI floor"),
         ("Flask: request and response objects, routing, multipart parsing", flask.cpu_ms - wsgi.cpu_ms,
          "bare-Flask floor − bare-WSGI floor"),
+        ("the model's work, served: decode, preprocess, forward pass, top label", model.cpu_ms - flask.cpu_ms,
+         f"bare Flask + model − bare-Flask floor (in the no-HTTP limit's tight loop: {limit.cpu_ms:.2f})"),
         ("the service's own layers: arguments and response schemas, request ids, metrics, access log, "
-         "tensor glue", service.cpu_ms - flask.cpu_ms - limit.cpu_ms,
-         "service − bare-Flask floor − model's work"),
+         "version header", service.cpu_ms - model.cpu_ms, "service − bare Flask + model"),
         ("total, the service direct", service.cpu_ms, "measured"),
     ]
     if nginx:
@@ -511,7 +514,7 @@ def targets(http, limits, own_layers_ms=None, floor_runs=None):
     if own_layers_ms is not None:
         rows.append((
             f"the service's own layers ≤ {TARGET_OWN_LAYERS_MS} ms of CPU per 1-image request "
-            "(over the bare-Flask floor and the model's work)",
+            "(over the bare Flask view running the same model calls)",
             f"{own_layers_ms:.2f} ms",
             own_layers_ms <= TARGET_OWN_LAYERS_MS,
         ))
@@ -639,10 +642,12 @@ def main(argv=None):
 
         floors = {}
         for name, app, label in FLOORS:
-            with Gunicorn(folder / f"{name}.log", args.workers, app=app) as floor:
+            with Gunicorn(folder / f"{name}.log", args.workers, model_path=model_path, app=app) as floor:
                 for connections in side:
                     print(f"wrk: {label}, {connections} connection(s) ...", flush=True)
                     run = measure_http(floor, connections, png_path, 1, args.duration, label=label)
+                    if name == "model":
+                        run.ratio = run.images_per_s / limits[1].images_per_s
                     floors.setdefault(name, {})[connections] = run
 
         http, proxied = [], []
@@ -681,8 +686,11 @@ def main(argv=None):
         "CPU ms/request: CPU time of gunicorn's processes (and nginx's, through nginx) and wrk per request "
         "answered (in brackets, wrk's part); for the limit, CPU time per call. With every process busy, "
         "throughput is about 2 cores ÷ this figure, so the ratio to the limit is about the limit's CPU per "
-        "call ÷ this figure. The floors (bench/floors.py) run no model: they are what gunicorn, and Flask "
-        "with its multipart parser, cost for the same request under gunicorn's defaults (sync, no access log).",
+        "call ÷ this figure. The floors (bench/floors.py) run under gunicorn's defaults (sync, no access log): "
+        "a bare WSGI callable and a bare Flask view parsing request.files, with no model, are what gunicorn "
+        "and Flask with its multipart parser cost for the same request; the third is that bare Flask view "
+        "running the predict view's model calls and nothing else, the least a Flask service serving this "
+        "model can cost.",
         "### Where a one-image request's CPU goes (concurrency 8, this run)",
         split_table(parts) if parts else "(needs the floors and the service at concurrency 8)",
         f"![Throughput and p99 latency against concurrency]({args.plot.resolve().relative_to(args.output.resolve().parent)})",

@@ -48,8 +48,8 @@ def assert_all_answered(result):
 
 
 @pytest.mark.parametrize("app", [app for _, app, _ in FLOORS])
-def test_the_floors_answer_the_bench_requests(tmp_path, png_path, app):
-    with Gunicorn(tmp_path / "floor.log", workers=1, app=app) as floor:
+def test_the_floors_answer_the_bench_requests(tmp_path, png_path, app, tiny_checkpoint):
+    with Gunicorn(tmp_path / "floor.log", workers=1, model_path=tiny_checkpoint, app=app) as floor:
         answer = requests.post(floor.url + PREDICT, files={"image_file": ("digit.png", png_path.read_bytes())},
                                timeout=10)
         assert answer.status_code == 200 and answer.json()["data"][0]["image_filename"] == "digit.png"
