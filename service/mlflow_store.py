@@ -283,6 +283,22 @@ def _check_download(staging, files, artifact, allow_programs=False):
     return classifier, metadata
 
 
+@contextmanager
+def _staging(models_dir, name):
+    """A new hidden ``.<name>.*.partial`` folder in ``models_dir`` for one download, removed on the
+    way out whatever happens (once moved into place, nothing is left of it to remove)."""
+    try:
+        Path(models_dir).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=models_dir))
+    except OSError as exc:
+        raise FetchError(f"cannot write to {models_dir} (MODELS_DIR): {exc.strerror}") from None
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _install(staging, target, artifact):
     """Move a checked download into place in one rename; a finished copy already there wins."""
     try:
@@ -331,13 +347,7 @@ def download_run(
         listed = ", ".join(sorted(files)[:8]) or "no artifacts at all"
         raise FetchError(f"run {run_id} has no {artifact} artifact (it has {listed})")
     total = sum(size or 0 for size in files.values())
-    try:
-        Path(models_dir).mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", suffix=".partial", dir=models_dir))
-    except OSError as exc:
-        raise FetchError(f"cannot write to {models_dir} (MODELS_DIR): {exc.strerror}") from None
-    try:
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
+    with _staging(models_dir, run_id) as staging:
         log.info(
             "downloading run %s from %s: %d file(s), %s, into %s",
             run_id, tracking.shown, len(files), _size(total), target,
@@ -355,8 +365,6 @@ def download_run(
             _install(staging, target, installed)
         except OSError as exc:
             raise FetchError(f"cannot move run {run_id} into {target}: {exc.strerror}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info(
         "checked and saved %s (%s, %d labels)", target_file, metadata["architecture"], len(classifier.labels)
     )
@@ -482,6 +490,7 @@ def download_logged_model(model_id, models_dir, tracking=None, tracking_uri=None
         raise _failure(exc, tracking, f"logged model {model_id}") from None
     run_id = logged.source_run_id or model_id
     if (target / MLMODEL).is_file():
+        _check_inside(target, models_dir)
         log.info("logged model %s is already downloaded: %s", model_id, target)
         return FetchedModel(target, run_id)
     try:
@@ -491,13 +500,7 @@ def download_logged_model(model_id, models_dir, tracking=None, tracking_uri=None
     if MLMODEL not in files:
         listed = ", ".join(sorted(files)[:8]) or "no artifacts at all"
         raise FetchError(f"logged model {model_id} has no {MLMODEL} (it has {listed})")
-    try:
-        Path(models_dir).mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{model_id}.", suffix=".partial", dir=models_dir))
-    except OSError as exc:
-        raise FetchError(f"cannot write to {models_dir} (MODELS_DIR): {exc.strerror}") from None
-    try:
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
+    with _staging(models_dir, model_id) as staging:
         log.info(
             "downloading logged model %s from %s: %d file(s), %s, into %s",
             model_id, tracking.shown, len(files), _size(sum(size or 0 for size in files.values())), target,
@@ -519,7 +522,5 @@ def download_logged_model(model_id, models_dir, tracking=None, tracking_uri=None
             _install(downloaded, target, MLMODEL)
         except OSError as exc:
             raise FetchError(f"cannot move logged model {model_id} into {target}: {exc.strerror}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("checked and saved %s (%s, %d labels)", target, metadata["architecture"], len(classifier.labels))
     return FetchedModel(target, run_id)

@@ -268,3 +268,19 @@ def test_training_logs_the_network_as_an_mlflow_model_the_service_serves(user_mo
         served.classifier.forward(batch),
         read_model_file(checkpoint / logged.run_id / "model" / "model.pt").classifier.forward(batch),
     )
+
+
+@pytest.mark.slow
+def test_a_planted_link_in_place_of_a_logged_model_is_refused(user_models, tmp_path):
+    from service.mlflow_store import FetchError, download_logged_model
+
+    url, ids, _, _ = user_models
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "MLmodel").write_text("flavors: {}\n")
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / ids["named"]).symlink_to(outside)
+
+    with pytest.raises(FetchError, match="leads outside"):
+        download_logged_model(ids["named"], models, tracking_uri=url)
