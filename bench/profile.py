@@ -2,18 +2,23 @@
 
     .venv/bin/python -m bench.profile
 
-Times the work of the no-HTTP limit (decode + preprocess + forward), the same request through the
-bare-Flask floor (bench/floors.py) and through the service's Flask app as WSGI calls, and the
-cheapest request the app answers: the service's own layers are what its WSGI call costs over the
-floor's and the model's. Then profiles the service's WSGI call with pyinstrument and shows its
-time by package, and the functions that take the most time outside the model's work. Together
-with the CPU per request that ``make bench`` measures under gunicorn, this splits a request into
-inference, the framework, the service's own layers and the HTTP server.
+Times, as WSGI calls in interleaved rounds (so that the machine's drift hits all alike), the
+same one-image request through the bare-Flask floor and the bare Flask view running the model's
+calls (bench/floors.py) and through the service's Flask app, next to the model's calls alone
+(the no-HTTP limit's decode + preprocess + forward) and the forward pass: the service's own
+layers are what its call costs over the bare view running the same model calls. Each is timed
+with hot caches (back to back) and cold (after a pause, as a served worker waits between
+requests). Then profiles the service's call with pyinstrument and shows its time by package, and
+the functions that take the most time outside the model's work. Together with the CPU per
+request that ``make bench`` measures under gunicorn, this splits a request into inference, the
+framework, the service's own layers and the HTTP server.
 """
 
 import argparse
 import io
 import logging
+import os
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -54,31 +59,29 @@ def wsgi_caller(app, method, path, body=b"", content_type=None):
 PAUSE_S = 0.002
 
 
-def cpu_ms(function, calls, pause=None):
-    """CPU milliseconds per call: the best of five rounds, after a warm-up.
+def interleaved_cpu_ms(functions, rounds, calls, pause=None):
+    """Median CPU milliseconds per call of each of ``functions`` (name -> callable), measured in
+    ``rounds`` rounds of ``calls`` calls that take turns, after a warm-up.
 
     With ``pause`` (seconds), the process sleeps that long before each call, as a worker does
     between requests, and only the calls are timed: what a call costs once the caches have gone
     cold while the core idled (on a virtual machine, other guests run on it meanwhile).
     """
-    for _ in range(max(20, calls // 10)):
-        function()
-    rounds = []
-    for _ in range(5):
-        spent = 0.0
-        if pause is None:
-            started = time.process_time()
+    for function in functions.values():
+        for _ in range(max(20, calls // 5)):
+            function()
+    spent = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            total = 0.0
             for _ in range(calls):
+                if pause:
+                    time.sleep(pause)
+                started = time.thread_time()
                 function()
-            spent = time.process_time() - started
-        else:
-            for _ in range(calls):
-                time.sleep(pause)
-                started = time.process_time()
-                function()
-                spent += time.process_time() - started
-        rounds.append(spent / calls * 1000)
-    return min(rounds)
+                total += time.thread_time() - started
+            spent[name].append(total / calls * 1000)
+    return {name: statistics.median(values) for name, values in spent.items()}
 
 
 def package_of(frame):
@@ -135,12 +138,14 @@ def time_by_package(session):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--calls", type=int, default=100, help="calls per round (divided by the images per call)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--profile-calls", type=int, default=2000, help="one-image calls under pyinstrument")
     parser.add_argument("--top", type=int, default=25, help="functions to list outside the model's work")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
-    from bench.floors import flask_floor
+    from bench.floors import flask_floor, model_floor
     from service import create_app
     from service.registry import EXTENSION
 
@@ -152,30 +157,38 @@ def main(argv=None):
         png = digit_png()
         max_pixels = app.config["MAX_IMAGE_PIXELS"]
 
+        os.environ["PRED_MODEL_PATH"] = str(model_path)  # the model floor's model
         rows = []
         for images, pause in ((1, None), (1, PAUSE_S), (16, None)):
-            calls = args.calls // images if pause is None else max(50, args.calls // 10)
-            limit = cpu_ms(
-                lambda: classifier.classify([classifier.prepare(png, "d.png", max_pixels) for _ in range(images)]),
-                calls,
+            body, content_type = multipart(png, images), f"multipart/form-data; boundary={BOUNDARY}"
+            forward_batch = torch.zeros((images, *classifier.input_spec.shape))
+            measured = interleaved_cpu_ms(
+                {
+                    "forward": lambda: classifier.forward(forward_batch),
+                    "model": lambda: classifier.classify(
+                        [classifier.prepare(png, "d.png", max_pixels) for _ in range(images)]
+                    ),
+                    "flask": wsgi_caller(flask_floor, "POST", "/api/v1/model/predict", body, content_type),
+                    "flask+model": wsgi_caller(model_floor, "POST", "/api/v1/model/predict", body, content_type),
+                    "service": wsgi_caller(app, "POST", "/api/v1/model/predict", body, content_type),
+                },
+                args.rounds,
+                max(4, args.calls // images),
                 pause,
             )
-            forward_batch = torch.zeros((images, *classifier.input_spec.shape))
-            forward = cpu_ms(lambda: classifier.forward(forward_batch), calls, pause)
-            body, content_type = multipart(png, images), f"multipart/form-data; boundary={BOUNDARY}"
-            floor = wsgi_caller(flask_floor, "POST", "/api/v1/model/predict", body, content_type)
-            request = wsgi_caller(app, "POST", "/api/v1/model/predict", body, content_type)
-            rows.append((images, pause, forward, limit, cpu_ms(floor, calls, pause), cpu_ms(request, calls, pause)))
-        live = cpu_ms(wsgi_caller(app, "GET", "/health/live"), args.calls)
+            rows.append((images, pause, measured))
+        live = interleaved_cpu_ms({"live": wsgi_caller(app, "GET", "/health/live")}, 3, args.calls)["live"]
 
-        print("CPU time per request, one process, one torch thread (ms); 'cold': after a "
-              f"{PAUSE_S * 1000:g} ms pause before each call, as a served worker waits between requests:\n")
-        print("| Images | Caches | forward pass | the model's work (the limit) | bare-Flask floor (WSGI) "
-              "| the service (WSGI) | the service's own layers |")
-        print("|---|---|---|---|---|---|---|")
-        for images, pause, forward, limit, floor, request in rows:
-            print(f"| {images} | {'cold' if pause else 'hot'} | {forward:.2f} | {limit:.2f} | {floor:.2f} "
-                  f"| {request:.2f} | {request - floor - limit:.2f} |")
+        print(f"CPU time per request, one process, one torch thread (ms), the median of {args.rounds} "
+              f"interleaved rounds; 'cold': after a {PAUSE_S * 1000:g} ms pause before each call, as a "
+              "served worker waits between requests:\n")
+        print("| Images | Caches | forward pass | the model's calls (the limit) | bare-Flask floor "
+              "| bare Flask + model | the service | the service's own layers |")
+        print("|---|---|---|---|---|---|---|---|")
+        for images, pause, ms in rows:
+            print(f"| {images} | {'cold' if pause else 'hot'} | {ms['forward']:.2f} | {ms['model']:.2f} "
+                  f"| {ms['flask']:.2f} | {ms['flask+model']:.2f} | {ms['service']:.2f} "
+                  f"| {ms['service'] - ms['flask+model']:.2f} |")
         print(f"\nGET /health/live through the Flask app: {live:.2f} ms")
 
         from pyinstrument import Profiler
@@ -184,7 +197,7 @@ def main(argv=None):
                               f"multipart/form-data; boundary={BOUNDARY}")
         profiler = Profiler(interval=0.0001)
         profiler.start()
-        for _ in range(args.calls):
+        for _ in range(args.profile_calls):
             request()
         profiler.stop()
         totals = time_by_package(profiler.last_session)
