@@ -274,16 +274,23 @@ class Nginx:
     """nginx with deploy/nginx.conf in front of ``upstream`` (host:port), on a free loopback port.
 
     The site file is the deployed one with its two placeholders filled in, as the nginx image's
-    envsubst does; pid, temporary files and logs stay in ``folder``. One nginx worker: the
-    machine's cores are for gunicorn's workers. A context manager that always stops it.
+    envsubst does; pid, temporary files and logs stay in ``folder`` (the site's access lines, on
+    stdout as in a container, in ``access_log``). One nginx worker: the machine's cores are for
+    gunicorn's workers. ``log_level`` is the error log's; with ``check_config``, ``nginx -t``
+    checks the configuration first. A context manager that always stops it.
     """
 
-    def __init__(self, folder, upstream):
+    def __init__(self, folder, upstream, log_level="warn", check_config=False):
         self.folder = folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         site = NGINX_CONF.read_text().replace("${API_UPSTREAM}", upstream)
         self.site = site.replace("${NGINX_PORT}", f"127.0.0.1:{self.port}")
+        if "${" in self.site:
+            raise SystemExit(f"{NGINX_CONF} has a placeholder this code does not fill in")
+        self.log_level = log_level
+        self.check_config = check_config
+        self.access_log = folder / "access.log"
         self.process = None
 
     def _main_conf(self, site_path):
@@ -295,7 +302,7 @@ class Nginx:
         return f"""{user}
 worker_processes 1;
 pid {self.folder}/nginx.pid;
-error_log {self.folder}/error.log warn;
+error_log {self.folder}/error.log {self.log_level};
 events {{ worker_connections 256; }}
 http {{
     client_body_temp_path {temp["body"]};
@@ -316,7 +323,11 @@ http {{
         site_path.write_text(self.site)
         conf.write_text(self._main_conf(site_path))
         command = [binary, "-p", str(self.folder), "-e", str(self.folder / "error.log"), "-c", str(conf)]
-        with open(self.folder / "access.log", "wb") as log:  # the site logs to stdout
+        if self.check_config:
+            checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
+            if checked.returncode != 0:
+                raise SystemExit(f"nginx -t refused the configuration:\n{checked.stderr}")
+        with open(self.access_log, "wb") as log:  # the site logs to stdout
             self.process = subprocess.Popen(
                 [*command, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )

@@ -5,18 +5,13 @@ test's folder; the site file is the deployed one with its two placeholders fille
 """
 
 import concurrent.futures
-import getpass
 import io
 import json
-import os
 import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import requests
@@ -24,7 +19,8 @@ from werkzeug.exceptions import default_exceptions
 
 from config import settings
 from tests.images import png
-from tests.support import ROOT, free_port, run_gunicorn, stop
+from bench.run import Nginx
+from tests.support import ROOT, run_gunicorn, stop
 
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 PREDICT = "/api/v1/model/predict"
@@ -33,74 +29,12 @@ GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")  # nginx's $request_id
 pytestmark = pytest.mark.slow
 
 
-def nginx_binary():
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    assert found, "nginx is not installed (Debian package nginx; make test installs it)"
-    return found
-
-
-def render_site(upstream, port):
-    """The deployed site file with its placeholders filled in, as the nginx image's envsubst does."""
-    text = NGINX_CONF.read_text().replace("${API_UPSTREAM}", upstream).replace("${NGINX_PORT}", f"127.0.0.1:{port}")
-    assert "${" not in text, "a placeholder the test does not know"
-    return text
-
-
-def main_conf(folder, site):
-    """A main nginx.conf keeping pid, temporary files and logs in ``folder``."""
-    temp = {name: folder / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    for path in temp.values():
-        path.mkdir()
-    # As root, nginx would switch its workers to an unprivileged user that cannot read the folder.
-    user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""
-    return f"""
-{user}
-worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log info;
-events {{ worker_connections 128; }}
-http {{
-    client_body_temp_path {temp["body"]};
-    proxy_temp_path {temp["proxy"]};
-    fastcgi_temp_path {temp["fastcgi"]};
-    uwsgi_temp_path {temp["uwsgi"]};
-    scgi_temp_path {temp["scgi"]};
-    include {site};
-}}
-"""
-
-
 @contextmanager
 def run_nginx(folder, upstream):
-    """Start nginx with deploy/nginx.conf on a free loopback port; always stop it."""
-    folder.mkdir()
-    port = free_port()
-    site = folder / "prediction.conf"
-    site.write_text(render_site(upstream, port))
-    conf = folder / "nginx.conf"
-    conf.write_text(main_conf(folder, site))
-    command = [nginx_binary(), "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(conf)]
-    checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
-    assert checked.returncode == 0, checked.stderr
-    log_path = folder / "access.log"  # the site logs to stdout, as in a container
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [*command, "-g", "daemon off;"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, (folder / "error.log").read_text()
-            try:
-                requests.get(url + "/health/live", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "nginx did not start listening"
-                time.sleep(0.1)
-        yield url, log_path
-    finally:
-        stop(process)
+    """nginx with deploy/nginx.conf in front of ``upstream``, as the benchmark runs it, its
+    configuration checked first and its error log at info; always stopped."""
+    with Nginx(folder, upstream, log_level="info", check_config=True) as nginx:
+        yield nginx.url, nginx.access_log
 
 
 @pytest.fixture(scope="module")
