@@ -20,9 +20,25 @@ from service import observability
 from service.registry import EXTENSION, AliasWatcher, ModelLoadError, Outcome
 
 
+class _EscapedOnUse(dict):
+    """gunicorn's access-line atoms, each escaped as its ``SafeAtoms`` escapes them (``"`` in a
+    value as ``\\"``; a ``{header}i``-style key in any case; ``-`` for one that is missing), but
+    only when the line's format asks for it: the atoms hold every request and response header
+    and the whole WSGI environ, and a line uses half a dozen of them."""
+
+    def __getitem__(self, key):
+        if key.startswith("{"):
+            key = key.lower()
+        value = self.get(key, "-")
+        return value.replace('"', '\\"') if isinstance(value, str) else value
+
+
 class ServerLogger(Logger):
-    """gunicorn's logger, which asks its settings whether to write access lines once per
-    (re)configuration instead of on every request (four settings look-ups each time)."""
+    """gunicorn's logger, writing the same access lines for less: it asks its settings whether to
+    write them once per (re)configuration instead of on every request (four settings look-ups
+    each time), and escapes only the atoms the line uses (:class:`_EscapedOnUse`)."""
+
+    atoms_wrapper_class = _EscapedOnUse
 
     def setup(self, cfg):
         super().setup(cfg)

@@ -56,3 +56,40 @@ def test_the_server_logger_asks_once_whether_access_lines_are_written():
 
     assert ServerLogger(with_log).access_log_enabled is True
     assert ServerLogger(without).access_log_enabled is False
+
+
+def test_the_server_logger_writes_the_access_lines_gunicorn_writes(monkeypatch):
+    import datetime
+    import logging
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from service.hooks import ServerLogger
+
+    config = Config()
+    config.set("accesslog", "-")
+    config.set(
+        "access_log_format",
+        '%(h)s "%(r)s" %(s)s %(b)s %(M)sms %(a)s %({x-request-id}o)s %({X-Trace}i)s %({missing}i)s %(p)s %(D)s',
+    )
+
+    class Response:
+        status, sent = "200 OK", 88
+        headers = [("Content-Type", "application/json"), ("X-Request-ID", 'id-"quoted"')]
+
+    class Request:
+        headers = [("X-TRACE", 'say "hi"'), ("USER-AGENT", 'agent "7"')]
+
+    environ = {
+        "REMOTE_ADDR": "127.0.0.1", "REQUEST_METHOD": "POST", "RAW_URI": '/p?q="x"', "SERVER_PROTOCOL": "HTTP/1.1",
+        "PATH_INFO": "/p", "QUERY_STRING": 'q="x"', "HTTP_USER_AGENT": 'agent "7"',
+    }
+    lines = []
+    monkeypatch.setattr(logging.Logger, "info", lambda self, msg, *args: lines.append(msg % args[0]))
+    for logger in (Logger(config), ServerLogger(config)):
+        logger.access(Response, Request, environ, datetime.timedelta(milliseconds=4, microseconds=250))
+
+    stock, ours = lines
+    assert ours == stock
+    assert '\\"quoted\\"' in ours and 'say \\"hi\\"' in ours and " - " in ours
