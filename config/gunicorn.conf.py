@@ -42,7 +42,6 @@ control_socket_disable = True  # no admin socket: nothing uses it, and test serv
 max_requests = _server.max_requests
 max_requests_jitter = _server.max_requests_jitter
 accesslog = "-"
-logger_class = hooks.ServerLogger
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
 logconfig_dict = logging_config(_app_settings.LOG_LEVEL, _app_settings.LOG_FORMAT)
 loglevel = _app_settings.LOG_LEVEL.lower()
