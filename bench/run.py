@@ -18,6 +18,7 @@ the rest of that file is left as it is).
 """
 
 import argparse
+import contextlib
 import getpass
 import io
 import json
@@ -452,6 +453,29 @@ def measure_http(server, connections, png_path, images, seconds, label=None, fro
     )
 
 
+def measure_paired(servers, connections, png_path, seconds, rounds):
+    """One-image wrk runs that take turns between ``servers`` (name -> a running Gunicorn),
+    ``rounds`` rounds of ``seconds`` each, the order reversed every other round; return name -> runs.
+
+    Two servers measured one after the other differ by whatever else changed between the runs
+    (on a virtual machine, a third from one hour to the next); measured in turns, each round's
+    difference is one of like with like, and the median of the differences holds still.
+    """
+    runs = {name: [] for name in servers}
+    order = list(servers.items())
+    for round_ in range(rounds):
+        for name, server in order if round_ % 2 == 0 else order[::-1]:
+            runs[name].append(measure_http(server, connections, png_path, 1, seconds, label=name))
+    return runs
+
+
+def paired_difference(first, second):
+    """The median over rounds of ``second``'s CPU per request minus ``first``'s, with both medians."""
+    differences = [b.cpu_ms - a.cpu_ms for a, b in zip(first, second)]
+    return (statistics.median(differences), statistics.median(run.cpu_ms for run in first),
+            statistics.median(run.cpu_ms for run in second))
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -478,22 +502,31 @@ def table(runs):
     return "\n".join(lines)
 
 
-def split(service, floors, nginx, limit):
-    """The CPU of a one-image request at concurrency 8, part by part: rows of (part, ms, how)."""
-    wsgi, flask, model = floors.get("wsgi"), floors.get("flask"), floors.get("model")
-    if not (service and wsgi and flask and model):
+def split(paired, floors, nginx, limit, service):
+    """The CPU of a one-image request at concurrency 8, part by part: rows of (part, ms, how).
+
+    gunicorn and Flask come from the floors' runs; the model's work as served and the service's
+    own layers from ``paired``, the model floor's and the service's runs taken in turns.
+    """
+    wsgi, flask = floors.get("wsgi"), floors.get("flask")
+    if not (paired and wsgi and flask):
         return []
+    own, model, total = paired_difference(paired["model"], paired["service"])
+    rounds = len(paired["service"])
+    each = [b.cpu_ms - a.cpu_ms for a, b in zip(paired["model"], paired["service"])]
     rows = [
         ("gunicorn (sync worker), sockets and wrk", wsgi.cpu_ms, "the bare-WSGI floor"),
         ("Flask: request and response objects, routing, multipart parsing", flask.cpu_ms - wsgi.cpu_ms,
          "bare-Flask floor − bare-WSGI floor"),
-        ("the model's work, served: decode, preprocess, forward pass, top label", model.cpu_ms - flask.cpu_ms,
+        ("the model's work, served: decode, preprocess, forward pass, top label", model - flask.cpu_ms,
          f"bare Flask + model − bare-Flask floor (in the no-HTTP limit's tight loop: {limit.cpu_ms:.2f})"),
         ("the service's own layers: arguments and response schemas, request ids, metrics, access log, "
-         "version header", service.cpu_ms - model.cpu_ms, "service − bare Flask + model"),
-        ("total, the service direct", service.cpu_ms, "measured"),
+         "version header", own, f"service − bare Flask + model, the median of {rounds} rounds taking turns "
+         f"({min(each):.2f} to {max(each):.2f})"),
+        ("total, the service direct", total, f"the service's median in those rounds "
+         f"({service.cpu_ms:.2f} in its own run above)" if service else "the service's median in those rounds"),
     ]
-    if nginx:
+    if nginx and service:
         rows.append(("nginx in front (deploy/nginx.conf)", nginx.cpu_ms - service.cpu_ms,
                      "through nginx − direct"))
     return rows
@@ -630,6 +663,9 @@ def main(argv=None):
     parser.add_argument("--side-concurrency", default="8",
                         help="concurrencies of the floors and of the service through nginx (1-image requests)")
     parser.add_argument("--batch", type=int, default=16, help="images per request in the batch runs")
+    parser.add_argument("--pair-rounds", type=int, default=6,
+                        help="rounds taking turns between the model floor and the service, for the CPU split")
+    parser.add_argument("--pair-duration", type=int, default=4, help="seconds per wrk run in those rounds")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "throughput.png")
     args = parser.parse_args(argv)
@@ -651,18 +687,25 @@ def main(argv=None):
             print(f"limit without HTTP, {images} image(s) per call ...", flush=True)
             limits[images] = measure_limit(model_path, png, images, args.workers, args.limit_duration)
 
-        floors = {}
-        for name, app, label in FLOORS:
-            with Gunicorn(folder / f"{name}.log", args.workers, model_path=model_path, app=app) as floor:
-                for connections in side:
-                    print(f"wrk: {label}, {connections} connection(s) ...", flush=True)
-                    run = measure_http(floor, connections, png_path, 1, args.duration, label=label)
-                    if name == "model":
-                        run.ratio = run.images_per_s / limits[1].images_per_s
-                    floors.setdefault(name, {})[connections] = run
+        floors, model_floor = {}, None
+        with contextlib.ExitStack() as servers:
+            for name, app, label in FLOORS:
+                with contextlib.ExitStack() as this_floor:
+                    floor = this_floor.enter_context(
+                        Gunicorn(folder / f"{name}.log", args.workers, model_path=model_path, app=app)
+                    )
+                    for connections in side:
+                        print(f"wrk: {label}, {connections} connection(s) ...", flush=True)
+                        run = measure_http(floor, connections, png_path, 1, args.duration, label=label)
+                        if name == "model":
+                            run.ratio = run.images_per_s / limits[1].images_per_s
+                        floors.setdefault(name, {})[connections] = run
+                    if name == "model":  # kept up, to take turns with the service below
+                        model_floor = floor
+                        servers.enter_context(this_floor.pop_all())
 
-        http, proxied = [], []
-        with Gunicorn(folder / "gunicorn.log", args.workers, model_path=model_path) as server:
+            http, proxied = [], []
+            server = servers.enter_context(Gunicorn(folder / "gunicorn.log", args.workers, model_path=model_path))
             for images in (1, args.batch):
                 for connections in concurrencies:
                     print(f"wrk: {images} image(s) per request, {connections} connection(s) ...", flush=True)
@@ -676,15 +719,18 @@ def main(argv=None):
                                        front=nginx)
                     run.ratio = run.images_per_s / limits[1].images_per_s
                     proxied.append(run)
+            print(f"wrk: the model floor and the service taking turns, {args.pair_rounds} rounds ...", flush=True)
+            paired = measure_paired({"model": model_floor, "service": server}, 8, png_path, args.pair_duration,
+                                    args.pair_rounds)
     load_after = os.getloadavg()
 
     floor_runs = [run for by_concurrency in floors.values() for run in by_concurrency.values()]
     results = table([limits[1], limits[args.batch], *floor_runs, *http, *proxied])
     at8 = next((run for run in http if run.images == 1 and run.concurrency == 8), None)
-    parts = split(at8, {name: runs.get(8) for name, runs in floors.items()},
-                  next((run for run in proxied if run.concurrency == 8), None), limits[1])
+    parts = split(paired, {name: runs.get(8) for name, runs in floors.items()},
+                  next((run for run in proxied if run.concurrency == 8), None), limits[1], at8)
     own = next((ms for part, ms, _ in parts if part.startswith("the service's own")), None)
-    verdicts, all_met = targets(http, limits, own, floor_runs)
+    verdicts, all_met = targets(http, limits, own, [*floor_runs, *paired["model"], *paired["service"]])
     print("\n" + results + "\n\n" + split_table(parts) + "\n\n" + verdicts)
     plot(http, limits, args.plot)
     body = "\n\n".join([

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import requests
 
-from bench.run import FLOORS, PREDICT, Gunicorn, Nginx, digit_png, run_wrk
+from bench.run import FLOORS, PREDICT, Gunicorn, Nginx, digit_png, measure_paired, paired_difference, run_wrk
 from tests.support import run_gunicorn
 
 pytestmark = pytest.mark.slow
@@ -61,3 +61,17 @@ def test_the_bench_reaches_the_service_through_the_deployed_nginx_site(tmp_path,
         result = run_wrk(nginx.url + PREDICT, connections=2, png_path=png_path, images=1, seconds=1)
         assert nginx.cpu_seconds() > 0, "nginx's CPU time counts in the run through it"
     assert_all_answered(result)
+
+
+def test_paired_runs_take_turns_and_their_difference_is_the_median_of_each_rounds(tmp_path, png_path):
+    wsgi_app, flask_app = (app for name, app, _ in FLOORS if name in ("wsgi", "flask"))
+    with Gunicorn(tmp_path / "a.log", workers=1, app=wsgi_app) as first, \
+            Gunicorn(tmp_path / "b.log", workers=1, app=flask_app) as second:
+        runs = measure_paired({"first": first, "second": second}, 2, png_path, seconds=1, rounds=3)
+
+    assert [len(runs["first"]), len(runs["second"])] == [3, 3]
+    assert all(run.requests_per_s > 0 and run.non_2xx == 0 for run in runs["first"] + runs["second"])
+    difference, first_median, second_median = paired_difference(runs["first"], runs["second"])
+    differences = sorted(b.cpu_ms - a.cpu_ms for a, b in zip(runs["first"], runs["second"]))
+    assert difference == differences[1]
+    assert first_median == sorted(run.cpu_ms for run in runs["first"])[1]
