@@ -96,26 +96,28 @@ def request_labels(url_rule, method, status_code):
     return endpoint, method, status
 
 
-# The latency and count series of each (endpoint, method, status): metric.labels() validates
-# and locks on every call, and the label sets are closed (request_labels), so this stays small.
-_request_series = {}
+# Each metric's series by label values: metric.labels() validates and locks on every call. The
+# label values come from closed sets (request_labels, the models' labels), so this stays small.
+_labelled_series = {}
 
 
-def _series(labels):
-    series = _request_series.get(labels)
-    if series is None:
-        series = _request_series[labels] = (REQUEST_LATENCY.labels(*labels), REQUESTS.labels(*labels))
-    return series
+def _labelled(metric, *labels):
+    """``metric.labels(*labels)``, looked up once per metric and label values."""
+    key = (metric, labels)
+    found = _labelled_series.get(key)
+    if found is None:
+        found = _labelled_series[key] = metric.labels(*labels)
+    return found
 
 
 def _finish_request(response):
-    request_globals, current = g._get_current_object(), request._get_current_object()
-    response.headers[REQUEST_ID_HEADER] = request_globals.get("request_id") or _bound_request_id.get() or "-"
-    latency, count = _series(request_labels(current.url_rule, current.method, response.status_code))
-    started = request_globals.get("request_started")
+    response.headers[REQUEST_ID_HEADER] = current_request_id()
+    current = request._get_current_object()  # one look-up of the proxy, not one per use
+    labels = request_labels(current.url_rule, current.method, response.status_code)
+    started = g.get("request_started")
     if started is not None:
-        latency.observe(time.perf_counter() - started)
-    count.inc()
+        _labelled(REQUEST_LATENCY, *labels).observe(time.perf_counter() - started)
+    _labelled(REQUESTS, *labels).inc()
     return response
 
 
@@ -141,18 +143,12 @@ def mark_process_dead(pid, multiprocess_dir):
         multiprocess.mark_process_dead(pid, multiprocess_dir)
 
 
-_prediction_series = {}  # label -> its series of PREDICTIONS: the models' label sets
-
-
 def record_predictions(labels, batch_size, seconds):
     """Count one batched forward pass and the labels it returned."""
     INFERENCE_LATENCY.observe(seconds)
     BATCH_SIZE.observe(batch_size)
     for label in labels:
-        series = _prediction_series.get(label)
-        if series is None:
-            series = _prediction_series[label] = PREDICTIONS.labels(label)
-        series.inc()
+        _labelled(PREDICTIONS, label).inc()
 
 
 def render_metrics(multiprocess_dir=None):
