@@ -470,10 +470,11 @@ def measure_paired(servers, connections, png_path, seconds, rounds):
 
 
 def paired_difference(first, second):
-    """The median over rounds of ``second``'s CPU per request minus ``first``'s, with both medians."""
+    """The median over rounds of ``second``'s CPU per request minus ``first``'s, both medians, and
+    each round's difference."""
     differences = [b.cpu_ms - a.cpu_ms for a, b in zip(first, second)]
     return (statistics.median(differences), statistics.median(run.cpu_ms for run in first),
-            statistics.median(run.cpu_ms for run in second))
+            statistics.median(run.cpu_ms for run in second), differences)
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -511,9 +512,7 @@ def split(paired, floors, nginx, limit, service):
     wsgi, flask = floors.get("wsgi"), floors.get("flask")
     if not (paired and wsgi and flask):
         return []
-    own, model, total = paired_difference(paired["model"], paired["service"])
-    rounds = len(paired["service"])
-    each = [b.cpu_ms - a.cpu_ms for a, b in zip(paired["model"], paired["service"])]
+    own, model, total, each = paired_difference(paired["model"], paired["service"])
     rows = [
         ("gunicorn (sync worker), sockets and wrk", wsgi.cpu_ms, "the bare-WSGI floor"),
         ("Flask: request and response objects, routing, multipart parsing", flask.cpu_ms - wsgi.cpu_ms,
@@ -521,7 +520,7 @@ def split(paired, floors, nginx, limit, service):
         ("the model's work, served: decode, preprocess, forward pass, top label", model - flask.cpu_ms,
          f"bare Flask + model − bare-Flask floor (in the no-HTTP limit's tight loop: {limit.cpu_ms:.2f})"),
         ("the service's own layers: arguments and response schemas, request ids, metrics, access log, "
-         "version header", own, f"service − bare Flask + model, the median of {rounds} rounds taking turns "
+         "version header", own, f"service − bare Flask + model, the median of {len(each)} rounds taking turns "
          f"({min(each):.2f} to {max(each):.2f})"),
         ("total, the service direct", total, f"the service's median in those rounds "
          f"({service.cpu_ms:.2f} in its own run above)" if service else "the service's median in those rounds"),

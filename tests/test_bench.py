@@ -71,7 +71,7 @@ def test_paired_runs_take_turns_and_their_difference_is_the_median_of_each_round
 
     assert [len(runs["first"]), len(runs["second"])] == [3, 3]
     assert all(run.requests_per_s > 0 and run.non_2xx == 0 for run in runs["first"] + runs["second"])
-    difference, first_median, second_median = paired_difference(runs["first"], runs["second"])
+    difference, first_median, _, each = paired_difference(runs["first"], runs["second"])
     differences = sorted(b.cpu_ms - a.cpu_ms for a, b in zip(runs["first"], runs["second"]))
-    assert difference == differences[1]
+    assert difference == differences[1] and sorted(each) == differences
     assert first_median == sorted(run.cpu_ms for run in runs["first"])[1]
