@@ -50,21 +50,27 @@ def ready():
     return {"status": "ok"}
 
 
+def single_threaded_model(path):
+    """The model file at ``path`` as a worker of the service runs it by default on two cores (one
+    torch thread), warmed up, with the service's default MAX_IMAGE_PIXELS: (classifier, pixels)."""
+    import torch
+
+    from config.settings import Settings
+    from service.formats import read_model
+
+    torch.set_num_threads(1)
+    classifier, _ = read_model(Path(path).read_bytes())
+    classifier.warm_up()
+    return classifier, Settings.MAX_IMAGE_PIXELS
+
+
 model_floor = Flask(f"{__name__}.model")
 _classifier = []  # this worker's, loaded by its first readiness probe (after gunicorn's fork)
 
 
 def _model():
     if not _classifier:
-        import torch
-
-        from config.settings import Settings
-        from service.formats import read_model
-
-        torch.set_num_threads(1)  # one per worker, as the service runs by default on two cores
-        classifier, _ = read_model(Path(os.environ["PRED_MODEL_PATH"]).read_bytes())
-        classifier.warm_up()
-        _classifier.append((classifier, Settings.MAX_IMAGE_PIXELS))
+        _classifier.append(single_threaded_model(os.environ["PRED_MODEL_PATH"]))
     return _classifier[0]
 
 

@@ -45,7 +45,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config.settings import Settings, child_environment, server_from_env  # noqa: E402
+from config.settings import child_environment, server_from_env  # noqa: E402
 from service.architectures import DigitCNN  # noqa: E402
 from service.demo import GUNICORN, stop  # noqa: E402
 from service.training import digit_image  # noqa: E402
@@ -130,11 +130,9 @@ def free_port():
 
 def _limit_process(model_path, png, images, seconds, barrier, results):
     """In a fresh process: what one single-threaded worker does per request, minus HTTP."""
-    torch.set_num_threads(1)
-    from service.formats import read_model
+    from bench.floors import single_threaded_model
 
-    classifier, _ = read_model(Path(model_path).read_bytes())
-    max_pixels = Settings.MAX_IMAGE_PIXELS
+    classifier, max_pixels = single_threaded_model(model_path)
 
     def once():  # the predict view's own calls: decode and preprocess each upload, one batched pass
         return classifier.classify([classifier.prepare(png, "digit.png", max_pixels) for _ in range(images)])
