@@ -34,7 +34,8 @@ import yaml
 
 from config.settings import Settings
 from service import architectures
-from service.inference import POLARITIES, Classifier, InputSpec
+from service.inference import Classifier
+from service.preprocess import POLARITIES, InputSpec
 
 TEMPLATE_ARCHITECTURE = "digit_cnn"
 TEMPLATE_LABELS = tuple(str(d) for d in range(10))

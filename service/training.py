@@ -1,7 +1,7 @@
 """Training the digit CNN on scikit-learn's bundled handwritten digits, and logging it to MLflow.
 
 Each 8x8 digit becomes the 8-bit grayscale image a client would send, and goes through
-:func:`service.inference.preprocess`, the very function that prepares uploads for the served
+:func:`service.preprocess.preprocess`, the very function that prepares uploads for the served
 model: the network learns from exactly what it will be shown. Nothing is downloaded.
 """
 
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from service.architectures import DigitCNN
-from service.inference import InputSpec, preprocess
+from service.preprocess import InputSpec, preprocess
 from service.formats import MODEL_ARTIFACT_DIR, MODEL_FILE, TEMPLATE_ARCHITECTURE, TEMPLATE_LABELS
 
 log = logging.getLogger(__name__)

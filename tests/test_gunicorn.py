@@ -11,7 +11,7 @@ import requests
 import torch
 
 from service.architectures import DigitCNN
-from service.inference import decode_image
+from service.images import decode_image
 from service.formats import read_model
 from tests import images
 from tests.support import BIN, ROOT, SERVICE_VARIABLES, run_gunicorn, write_template_checkpoint

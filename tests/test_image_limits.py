@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from config.settings import Settings
-from service.inference import REQUEST_PIXELS_FACTOR, ImageError, InputSpec, PixelBudget, decode_image, preprocess
+from service.images import REQUEST_PIXELS_FACTOR, ImageError, PixelBudget, decode_image
+from service.preprocess import InputSpec, preprocess
 from tests import images
 from tests.support import ROOT, encode
 
@@ -47,7 +48,8 @@ CHILD = """
 import json, re, sys
 from PIL import Image
 from config.settings import Settings
-from service.inference import Classifier, ImageError, PixelBudget
+from service.images import ImageError, PixelBudget
+from service.inference import Classifier
 from tests import images
 from tests.support import encode
 import torch
@@ -129,7 +131,7 @@ def test_large_uploads_are_reduced_to_what_the_model_needs_and_still_classified_
     """A 2048x2048 photo of a digit is reduced on decoding; the tensor matches a plain resize."""
     digit = images.digit_image(0)[0]
     big = encode(digit.resize((2048, 2048), resample=0).convert("RGB"), "JPEG", quality=95)
-    reduced = decode_image(big, "big.jpg", 2048 * 2048, size=(28, 28))
+    reduced = decode_image(big, "big.jpg", 2048 * 2048, keep=InputSpec().decode_size())
     assert max(reduced.size) <= 4 * 28 * 2, "neither decoded nor kept at full size"
     plain = preprocess(decode_image(big, "big.jpg", 2048 * 2048), InputSpec())
     assert torch.allclose(preprocess(reduced, InputSpec()), plain, atol=0.05)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.inference import ImageError, InputSpec, decode_image, preprocess
+from service.images import ImageError, decode_image
+from service.preprocess import InputSpec, preprocess
 from tests import images
 from tests.support import digit_image, encode
 

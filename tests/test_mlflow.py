@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from config.settings import child_environment
 from service import create_app, demo, mlflow_store
 from service.formats import read_model
-from service.inference import decode_image
+from service.images import decode_image
 from service.registry import ModelLoadError, ModelRegistry
 from service.verify import held_out_pngs
 from tests.support import (

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from service.formats import ModelFileError, input_spec, read_model
-from service.inference import InputSpec, decode_image, preprocess
+from service.images import decode_image
+from service.preprocess import InputSpec, preprocess
 from service.training import split_digits
 from tests.support import encode, write_template_checkpoint
 

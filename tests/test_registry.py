@@ -16,7 +16,8 @@ from torch import nn
 
 from config.settings import from_env
 from service.architectures import DigitCNN
-from service.inference import InputSpec, decode_image
+from service.images import decode_image
+from service.preprocess import InputSpec
 from service import formats
 from service.devices import select_device
 from service.formats import model_uuid_from_path

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from service.inference import decode_image
+from service.images import decode_image
 from service.formats import read_model
 from tests import images
 from tests.support import SERVICE_VARIABLES, run_gunicorn

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.inference import InputSpec, decode_image, preprocess
+from service.images import decode_image
+from service.preprocess import InputSpec, preprocess
 from service.formats import read_model
 from service.training import (
     LABELS,

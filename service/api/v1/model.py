@@ -8,7 +8,7 @@ from flask_smorest import Blueprint, abort
 
 from service import observability, security
 from service.api import MODEL_VERSION_HEADER, model_registry
-from service.inference import ImageError, PixelBudget
+from service.images import ImageError, PixelBudget
 from service.registry import ModelLoadError, ModelNotReady
 from service.schemas import PredictQuerySchema, PredictResponseSchema, UploadSchema, VersionResponseSchema
 

@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from service import observability, security
 from service.api import MODEL_VERSION_HEADER, model_registry
 from service.api.v2 import tensors
-from service.inference import ImageError, PixelBudget
+from service.images import ImageError, PixelBudget
 from service.registry import ModelLoadError, ModelNotReady
 
 log = logging.getLogger(__name__)
