@@ -13,6 +13,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?)?\s*$", re.IGNORECASE)
 # The model's name in Open Inference Protocol URLs (/v2/models/<name>): one plain path segment.
 _MODEL_NAME = re.compile(r"\A[A-Za-z0-9._:@+-]{1,128}\Z")
+# A module prefix MODEL_CODE_MODULES allows: a dotted Python module name.
+_MODULE_PREFIX = re.compile(r"\A[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
 _SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -37,6 +39,7 @@ class Settings:
     VERIFY_MODEL_ON_START: bool = False
     PRED_MODEL_POLL_SECONDS: int = 30
     ALLOW_MODEL_PROGRAMS: bool = False
+    MODEL_CODE_MODULES: tuple[str, ...] = ()
     MAX_MODEL_FILE_SIZE: int = 2 * 1024**3
     LOG_LEVEL: str = "INFO"
     LOG_FORMAT: str = "text"
@@ -163,6 +166,12 @@ def from_env(environ=None):
             f"PRED_MODEL_NAME: expected letters, digits and . _ : @ + - (it is part of /v2/models/<name> URLs), "
             f"got {model_name!r}"
         )
+    code_modules = tuple(m.strip() for m in environ.get("MODEL_CODE_MODULES", "").split(",") if m.strip())
+    for module in code_modules:
+        if not _MODULE_PREFIX.match(module):
+            raise ConfigError(
+                f"MODEL_CODE_MODULES: expected comma-separated module names such as mypackage.networks, got {module!r}"
+            )
     origins = tuple(o.strip() for o in environ.get("CORS_ORIGINS", "").split(",") if o.strip())
     if "*" in origins:
         raise ConfigError("CORS_ORIGINS: list the allowed origins explicitly; '*' is not accepted")
@@ -180,6 +189,7 @@ def from_env(environ=None):
         VERIFY_MODEL_ON_START=_flag(environ, "VERIFY_MODEL_ON_START"),
         PRED_MODEL_POLL_SECONDS=_whole_number(environ, "PRED_MODEL_POLL_SECONDS", Settings.PRED_MODEL_POLL_SECONDS),
         ALLOW_MODEL_PROGRAMS=_flag(environ, "ALLOW_MODEL_PROGRAMS"),
+        MODEL_CODE_MODULES=code_modules,
         MAX_MODEL_FILE_SIZE=_size(environ, "MAX_MODEL_FILE_SIZE", Settings.MAX_MODEL_FILE_SIZE),
         LOG_LEVEL=_choice(environ, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
         LOG_FORMAT=_choice(environ, "LOG_FORMAT", "text", ("text", "json")),

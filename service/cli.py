@@ -55,7 +55,8 @@ def download_command(run_id):
 
     try:
         path = mlflow_store.download_run(
-            run_id, current_app.config["MODELS_DIR"], allow_programs=current_app.config["ALLOW_MODEL_PROGRAMS"]
+            run_id, current_app.config["MODELS_DIR"], allow_programs=current_app.config["ALLOW_MODEL_PROGRAMS"],
+            code_modules=current_app.config["MODEL_CODE_MODULES"],
         )
     except mlflow_store.FetchError as exc:
         raise click.ClickException(str(exc)) from None
@@ -127,7 +128,10 @@ def verify_command(target, run_id):
         config.update(PRED_MODEL_PATH=str(path), PRED_MODEL_URI=None, PRED_MODEL_UUID=run_id)
     elif target:
         try:
-            path = mlflow_store.download_run(target, config["MODELS_DIR"], allow_programs=config["ALLOW_MODEL_PROGRAMS"])
+            path = mlflow_store.download_run(
+                target, config["MODELS_DIR"], allow_programs=config["ALLOW_MODEL_PROGRAMS"],
+                code_modules=config["MODEL_CODE_MODULES"],
+            )
         except mlflow_store.FetchError as exc:
             raise click.ClickException(str(exc)) from None
         config.update(PRED_MODEL_PATH=str(path), PRED_MODEL_URI=None, PRED_MODEL_UUID=run_id or target)

@@ -35,7 +35,7 @@ import yaml
 from config.settings import Settings
 from service import architectures
 from service.inference import Classifier
-from service.preprocess import POLARITIES, InputSpec
+from service.preprocess import INTERPOLATIONS, POLARITIES, InputSpec
 
 TEMPLATE_ARCHITECTURE = "digit_cnn"
 TEMPLATE_LABELS = tuple(str(d) for d in range(10))
@@ -99,12 +99,56 @@ def _is_torchscript(data):
     return any("/code/" in name or name.endswith("constants.pkl") for name in names)
 
 
+def _positive(value, what):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelFileError(f"{what} must be a positive whole number, got {value!r:.60}")
+    return value
+
+
+def _preprocessing(metadata):
+    """``(resize, crop (height, width), interpolation, preset)`` from ``preprocess`` or ``weights``;
+    ``resize`` is None for the template's stretch."""
+    preset = None
+    if metadata.get("weights") is not None:
+        try:
+            preset = architectures.weights_preset(metadata["weights"])
+        except architectures.ArchitectureError as exc:
+            raise ModelFileError(str(exc)) from None
+    steps = metadata.get("preprocess")
+    if steps is None:
+        if preset is None:
+            return None, None, "bilinear", None
+        return preset.resize, (preset.crop, preset.crop), preset.interpolation, preset
+    if not isinstance(steps, dict):
+        raise ModelFileError(f"preprocess must be a mapping such as {{\"resize\": 256, \"crop\": 224}}, got {steps!r:.80}")
+    unknown = sorted(set(steps) - {"resize", "crop", "interpolation"})
+    if unknown:
+        raise ModelFileError(f"preprocess: unknown step(s) {', '.join(map(str, unknown))}; it takes resize, crop and interpolation")
+    resize = _positive(steps.get("resize", preset.resize if preset else None), "preprocess resize (the shorter side)")
+    crop = steps.get("crop", preset.crop if preset else resize)
+    crop = tuple(crop) if isinstance(crop, (list, tuple)) and len(crop) == 2 else (crop, crop)
+    crop = tuple(_positive(side, "preprocess crop") for side in crop)
+    if max(crop) > resize:
+        raise ModelFileError(f"preprocess: the crop {crop[0]}x{crop[1]} is larger than the resize {resize}")
+    interpolation = steps.get("interpolation", preset.interpolation if preset else "bilinear")
+    if interpolation not in INTERPOLATIONS:
+        raise ModelFileError(f"preprocess interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r:.40}")
+    return resize, crop, interpolation, preset
+
+
 def input_spec(metadata):
-    """The :class:`InputSpec` a model's metadata describes (``input_shape``, ``normalize``, ``polarity``)."""
-    shape = metadata.get("input_shape", (1, 28, 28))
+    """The :class:`InputSpec` a model's metadata describes: ``input_shape``, ``normalize``, ``polarity``,
+    and ``preprocess`` or ``weights`` (a torchvision weights enum's own resize, crop and normalisation)."""
+    resize, crop, interpolation, preset = _preprocessing(metadata)
+    default_shape = (1, 28, 28) if crop is None else (3, *crop)
+    shape = metadata.get("input_shape", default_shape)
     if not isinstance(shape, (list, tuple)) or len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1:
         raise ModelFileError(f"input_shape must be [channels (1 or 3), height, width], got {shape!r}")
+    if crop is not None and tuple(shape[1:]) != tuple(crop):
+        raise ModelFileError(f"input_shape {list(shape)} does not fit the preprocessing's crop {list(crop)}")
     normalize = metadata.get("normalize") or {}
+    if not normalize and preset is not None and shape[0] == 3:
+        normalize = {"mean": preset.mean, "std": preset.std}
     mean, std = normalize.get("mean"), normalize.get("std")
     if (mean is None) != (std is None):
         raise ModelFileError("normalize needs both mean and std")
@@ -115,14 +159,27 @@ def input_spec(metadata):
     polarity = metadata.get("polarity")  # unset: InputSpec's default for the channel count
     if polarity is not None and polarity not in POLARITIES:
         raise ModelFileError(f"polarity must be one of {', '.join(POLARITIES)}, got {polarity!r}")
-    return InputSpec(int(shape[0]), int(shape[1]), int(shape[2]), mean, std, polarity)
+    return InputSpec(int(shape[0]), int(shape[1]), int(shape[2]), mean, std, polarity, resize, interpolation)
 
 
 def labels_of(metadata):
-    """The labels a model's metadata lists (the template's digits when it lists none)."""
-    labels = metadata.get("labels", TEMPLATE_LABELS)
-    if not labels or not all(isinstance(label, (str, int)) for label in labels):
-        raise ModelFileError(f"labels must be a non-empty list of strings, got {labels!r}")
+    """The labels a model's metadata lists; else its torchvision weights' categories; else, for the
+    template's network, the digits."""
+    labels = metadata.get("labels")
+    if labels is None and metadata.get("weights") is not None:
+        try:
+            labels = architectures.weights_preset(metadata["weights"]).categories
+        except architectures.ArchitectureError as exc:
+            raise ModelFileError(str(exc)) from None
+    if labels is None:
+        if metadata.get("architecture", TEMPLATE_ARCHITECTURE) != TEMPLATE_ARCHITECTURE:
+            raise ModelFileError(
+                f"give the labels of architecture {metadata['architecture']!r} in the metadata's labels "
+                "(or weights whose categories they are)"
+            )
+        labels = TEMPLATE_LABELS
+    if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(label, (str, int)) for label in labels):
+        raise ModelFileError(f"labels must be a non-empty list of strings, got {labels!r:.120}")
     return tuple(str(label) for label in labels)
 
 
@@ -141,7 +198,7 @@ def _load_torchscript(data):
     return module, metadata
 
 
-def _load_checkpoint(data):
+def _load_checkpoint(data, code_modules=()):
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -168,14 +225,28 @@ def _load_checkpoint(data):
     if not isinstance(metadata, dict):
         raise ModelFileError("the checkpoint's 'metadata' must be a dict")
     metadata.setdefault("architecture", TEMPLATE_ARCHITECTURE)
-    return _build(state_dict, metadata), metadata
+    return _build(state_dict, metadata, code_modules), metadata
 
 
-def _build(state_dict, metadata):
+def _build(state_dict, metadata, code_modules=()):
     """The architecture ``metadata`` names, with ``state_dict`` loaded into it."""
+    name = metadata["architecture"]
     try:
-        module = architectures.build(metadata["architecture"], num_classes=len(labels_of(metadata)))
-    except ValueError as exc:
+        architecture = architectures.resolve(name, code_modules)
+        labels = labels_of(metadata)
+        module = architectures.build(architecture, len(labels), metadata.get("architecture_args"))
+        if architecture.source.startswith(architectures.TORCHVISION):
+            builder = architectures.weights_preset(metadata["weights"]).builder if metadata.get("weights") else None
+            if builder is not None and f"{architectures.TORCHVISION}:{builder}" != name:
+                raise architectures.ArchitectureError(
+                    f"weights {metadata['weights']!r} are torchvision:{builder}'s, not {name!r}'s"
+                )
+            if not any(key in metadata for key in ("weights", "preprocess", "input_shape")):
+                raise architectures.ArchitectureError(
+                    f"{name!r} needs its input described: give weights (a torchvision weights enum member) "
+                    "or preprocess with normalize and input_shape"
+                )
+    except architectures.ArchitectureError as exc:
         raise ModelFileError(str(exc)) from None
     fixed_shape = getattr(module, "input_shape", None)
     if fixed_shape is not None:
@@ -184,28 +255,68 @@ def _build(state_dict, metadata):
         shape = metadata.setdefault("input_shape", list(fixed_shape))
         if not isinstance(shape, (list, tuple)) or list(shape) != list(fixed_shape):
             raise ModelFileError(
-                f"input_shape {shape!r} does not fit architecture {metadata['architecture']!r}, "
-                f"which takes {list(fixed_shape)}"
+                f"input_shape {shape!r} does not fit architecture {name!r}, which takes {list(fixed_shape)}"
             )
+    _check_fit(module, state_dict, name, len(labels))
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
-        raise ModelFileError(
-            f"weights do not fit architecture {metadata['architecture']!r}: {detail[:300]}"
-        ) from None
-    # Channels-last weights make CPU convolutions and pooling faster (a fifth of a one-image
-    # forward pass), with results equal up to float rounding. Only for our own architectures,
-    # which reshape rather than view their activations; a TorchScript model is left as it is.
-    module.to(memory_format=torch.channels_last)
+        raise ModelFileError(f"weights do not fit architecture {name!r}: {detail[:300]}") from None
+    if architecture.known:
+        # Channels-last weights make CPU convolutions and pooling faster (a fifth to a third of a
+        # forward pass), with results equal up to float rounding. Only for the networks the
+        # service knows: every torchvision classifier runs on channels-last activations (checked
+        # for all of them), while the project's own may view() theirs, which such strides forbid.
+        module.to(memory_format=torch.channels_last)
     return module
 
 
-def read_model(data, allow_programs=False):
+def _check_fit(module, state_dict, name, classes):
+    """Say in one line how ``state_dict`` does not fit ``module``: the labels' count against the
+    output layer, or the first keys that are missing, unexpected or of another shape."""
+    expected = module.state_dict()
+    shapes = {key: tuple(value.shape) for key, value in expected.items()}
+    wrong = [
+        key for key, value in state_dict.items()
+        if key in shapes and isinstance(value, torch.Tensor) and tuple(value.shape) != shapes[key]
+    ]
+    outputs = [
+        key for key in wrong
+        if shapes[key][:1] == (classes,) and state_dict[key].shape[1:] == torch.Size(shapes[key][1:])
+    ]
+    if wrong and outputs == wrong:
+        found = state_dict[outputs[0]].shape[0]
+        raise ModelFileError(
+            f"the model has {classes} labels but the weights of {name!r} give {found} outputs "
+            f"({outputs[0]} is {list(state_dict[outputs[0]].shape)}): list {found} labels"
+        )
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_first(unexpected)}")
+        if wrong:
+            parts.append("of another shape " + _first([f"{key} {list(state_dict[key].shape)} (expected {list(shapes[key])})" for key in wrong]))
+        raise ModelFileError(
+            f"weights do not fit architecture {name!r} (a state_dict of another network?): " + "; ".join(parts)
+        )
+
+
+def _first(keys, shown=3):
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(str(key)[:120] for key in keys[:shown]) + more
+
+
+def read_model(data, allow_programs=False, code_modules=()):
     """Build a CPU :class:`Classifier` and its metadata from the bytes of a model file.
 
     Raises ModelFileError, saying why in one line, for anything that is not a model it can
-    serve, and for a program (TorchScript) unless ``allow_programs``.
+    serve, and for a program (TorchScript) unless ``allow_programs``. A network from the project's
+    own modules is built only when ``code_modules`` (MODEL_CODE_MODULES) allows its module.
     """
     if not data:
         raise ModelFileError("the file is empty")
@@ -218,7 +329,7 @@ def read_model(data, allow_programs=False):
                 )
             module, metadata = _load_torchscript(data)
         else:
-            module, metadata = _load_checkpoint(data)
+            module, metadata = _load_checkpoint(data, code_modules)
         module.eval()
         return Classifier(module, labels_of(metadata), input_spec(metadata)), metadata
     except ModelFileError:
@@ -262,19 +373,19 @@ def read_bytes(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
     return data
 
 
-def read_model_file(path, allow_programs=False, max_size=Settings.MAX_MODEL_FILE_SIZE):
+def read_model_file(path, allow_programs=False, max_size=Settings.MAX_MODEL_FILE_SIZE, code_modules=()):
     """Read the model file, or MLflow model directory, at ``path`` into a :class:`ModelFile`;
     ModelFileError says why not. A directory's sha256 covers the names and contents of its files."""
     if Path(path).is_dir():
         files = read_directory(path, max_size)
         try:
-            classifier, metadata = read_mlflow_model(files, allow_programs)
+            classifier, metadata = read_mlflow_model(files, allow_programs, code_modules)
         except ModelFileError as exc:
             raise ModelFileError(f"{path}: {exc}") from None
         return ModelFile(classifier, metadata, directory_sha256(files), sum(len(data) for data in files.values()))
     data = read_bytes(path, max_size)
     try:
-        classifier, metadata = read_model(data, allow_programs)
+        classifier, metadata = read_model(data, allow_programs, code_modules)
     except ModelFileError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
     return ModelFile(classifier, metadata, hashlib.sha256(data).hexdigest(), len(data))
@@ -436,7 +547,7 @@ def _load_export_program(data, name):
     return ExportedProgram(program, batch)
 
 
-def read_mlflow_model(files, allow_programs=False):
+def read_mlflow_model(files, allow_programs=False, code_modules=()):
     """Build a CPU :class:`Classifier` and its metadata from an MLflow model directory's files.
 
     Reads ``mlflow.pytorch``'s ``torch.export`` format (``data/model.pt2``): as plain weights when
@@ -471,16 +582,16 @@ def read_mlflow_model(files, allow_programs=False):
     name = f"{data_dir}/{_EXPORTED_FILE}"
     metadata = _mlflow_metadata(mlmodel)
     try:
-        if metadata.get("architecture") in architectures.ARCHITECTURES:
-            if "labels" not in metadata:
+        if metadata.get("architecture") is not None:
+            if "labels" not in metadata and metadata.get("weights") is None:
                 raise ModelFileError("give labels in the logged model's metadata, or an output signature [-1, classes]")
-            module = _build(_weights_of_export(exported, name), metadata)
+            module = _build(_weights_of_export(exported, name), metadata, code_modules)
             module.eval()
         elif not allow_programs:
             raise ModelFileError(
                 f"refused: {name} is a torch.export program that runs its own graph, and loading it unpickles "
                 f"parts of it; set {_PROGRAMS_SETTING}=1 to serve programs you trust, or name its architecture "
-                f"({', '.join(sorted(architectures.ARCHITECTURES))}) in the logged model's metadata to load its "
+                "(digit_cnn, torchvision:<name> or <module>:<class>) in the logged model's metadata to load its "
                 "weights only"
             )
         else:

@@ -265,7 +265,7 @@ def _check_inside(path, models_dir):
         raise FetchError(f"{path} leads outside {models_dir} (a symbolic link to {Path(path).resolve()}): not serving it")
 
 
-def _check_download(staging, files, artifact, allow_programs=False):
+def _check_download(staging, files, artifact, allow_programs=False, code_modules=()):
     """Raise FetchError unless every file arrived whole and the model loads as the service loads it."""
     for path, size in files.items():
         local = staging / path
@@ -276,7 +276,7 @@ def _check_download(staging, files, artifact, allow_programs=False):
         if size is not None and local.stat().st_size != size:
             raise FetchError(f"{path} is {local.stat().st_size} bytes after the download, expected {size}")
     try:
-        model = read_model_file(staging / artifact, allow_programs)
+        model = read_model_file(staging / artifact, allow_programs, code_modules=code_modules)
         classifier, metadata = model.classifier, model.metadata
     except Exception as exc:  # read_model_file's ValueErrors, and whatever else torch raises for a broken file
         raise ModelRefused(f"{artifact} cannot be served: {first_line(exc)}") from None
@@ -315,7 +315,8 @@ def _install(staging, target, artifact):
 
 
 def download_run(
-    run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None, tracking_uri=None, progress=True, allow_programs=False
+    run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None, tracking_uri=None, progress=True, allow_programs=False,
+    code_modules=(),
 ):
     """Download run ``run_id``'s artifacts into ``<models_dir>/<run_id>/`` and return the model file's path.
 
@@ -323,7 +324,7 @@ def download_run(
     downloads are ever renamed into place. Otherwise it uses ``tracking``, or connects to
     ``tracking_uri`` (default: MLflow's own). ``progress=False`` hides MLflow's progress bar, which
     is raw terminal output (for a server's log). A program (TorchScript) passes the check only with
-    ``allow_programs`` (ALLOW_MODEL_PROGRAMS). Raises FetchError, one line, for an unknown run,
+    ``allow_programs`` (ALLOW_MODEL_PROGRAMS) and ``code_modules`` (MODEL_CODE_MODULES). Raises FetchError, one line, for an unknown run,
     an unreachable server, refused credentials, a run without ``artifact``, or a failed transfer.
     """
     target_file = local_model_path(models_dir, run_id, artifact)
@@ -358,7 +359,7 @@ def download_run(
         except Exception as exc:  # MlflowException, OSError, and whatever the artifact store's client raises
             raise FetchError(f"downloading run {run_id} failed: {first_line(exc)}") from None
         try:
-            classifier, metadata = _check_download(staging, files, artifact, allow_programs)
+            classifier, metadata = _check_download(staging, files, artifact, allow_programs, code_modules)
         except FetchError as exc:
             raise type(exc)(f"run {run_id}: {exc}") from None
         try:
@@ -430,7 +431,7 @@ def alias_version(uri, tracking_uri=None):
     return str(_registered_version(tracking, uri, name, alias, number).version)
 
 
-def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False):
+def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False, code_modules=()):
     """Fetch the model a ``runs:/`` or ``models:/`` URI names into ``<models_dir>/<run_id>/`` (once).
 
     ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` are resolved to their run on the
@@ -441,11 +442,14 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False):
     kind, name, detail = _parse_uri(uri)
     if kind == "runs":
         path = download_run(
-            name, models_dir, detail, tracking_uri=tracking_uri, progress=False, allow_programs=allow_programs
+            name, models_dir, detail, tracking_uri=tracking_uri, progress=False, allow_programs=allow_programs,
+            code_modules=code_modules,
         )
         return FetchedModel(path, name)
     if kind == "logged":
-        return download_logged_model(name, models_dir, tracking_uri=tracking_uri, allow_programs=allow_programs)
+        return download_logged_model(
+            name, models_dir, tracking_uri=tracking_uri, allow_programs=allow_programs, code_modules=code_modules
+        )
     alias, number = detail
     tracking = connect(tracking_uri)
     version = _registered_version(tracking, uri, name, alias, number)
@@ -453,7 +457,9 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False):
     if _MODEL_ID.match(logged_id):
         # MLflow 3: the version is a logged model (mlflow.<flavor>.log_model), not a run's artifact.
         try:
-            fetched = download_logged_model(logged_id, models_dir, tracking, allow_programs=allow_programs)
+            fetched = download_logged_model(
+                logged_id, models_dir, tracking, allow_programs=allow_programs, code_modules=code_modules
+            )
         except ModelRefused as exc:
             exc.version = str(version.version)
             raise
@@ -464,7 +470,7 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False):
     try:
         path = download_run(
             version.run_id, models_dir, _artifact_of_version(tracking, version), tracking, progress=False,
-            allow_programs=allow_programs,
+            allow_programs=allow_programs, code_modules=code_modules,
         )
     except ModelRefused as exc:
         exc.version = str(version.version)
@@ -473,7 +479,9 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False):
     return FetchedModel(path, version.run_id, name, str(version.version))
 
 
-def download_logged_model(model_id, models_dir, tracking=None, tracking_uri=None, allow_programs=False):
+def download_logged_model(
+    model_id, models_dir, tracking=None, tracking_uri=None, allow_programs=False, code_modules=()
+):
     """Download MLflow 3 logged model ``model_id`` (``models:/m-...``) into ``<models_dir>/<model_id>/``.
 
     The folder is the MLflow model directory itself (``MLmodel``, ``data/``...); like
@@ -514,7 +522,7 @@ def download_logged_model(model_id, models_dir, tracking=None, tracking_uri=None
         except Exception as exc:
             raise FetchError(f"downloading logged model {model_id} failed: {first_line(exc)}") from None
         try:
-            classifier, metadata = _check_download(downloaded, files, ".", allow_programs)
+            classifier, metadata = _check_download(downloaded, files, ".", allow_programs, code_modules)
         except FetchError as exc:
             raise type(exc)(f"logged model {model_id}: {exc}") from None
         try:

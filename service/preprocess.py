@@ -198,7 +198,7 @@ def preprocess(image, spec):
     brought to the model's polarity, background and stroke levels (:func:`_normalise_polarity`).
     """
     if spec.resize is not None:
-        cropped = np.asarray(_resize_and_crop(image, spec))
+        cropped = np.array(_resize_and_crop(image, spec))  # a writable copy of the small crop, for torch
         tensor = torch.from_numpy(cropped.reshape(spec.height, spec.width, -1)).permute(2, 0, 1).float().div_(255)
         if spec.polarity != NO_POLARITY:
             pixels = _normalise_polarity(tensor.permute(1, 2, 0).numpy(), spec.polarity)

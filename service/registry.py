@@ -102,12 +102,13 @@ class ModelRegistry:
 
     def __init__(
         self, source=None, *, use_cuda=False, use_mps=False, verify_on_start=False, allow_programs=False,
-        max_file_size=Settings.MAX_MODEL_FILE_SIZE, poll_seconds=0,
+        code_modules=(), max_file_size=Settings.MAX_MODEL_FILE_SIZE, poll_seconds=0,
     ):
         self.source = source
         self.use_cuda, self.use_mps = use_cuda, use_mps
         self.verify_on_start = verify_on_start
         self.allow_programs = allow_programs
+        self.code_modules = tuple(code_modules)
         self.max_file_size = max_file_size
         self.poll_seconds = poll_seconds
         self.state = State.EMPTY
@@ -130,6 +131,7 @@ class ModelRegistry:
             use_mps=bool(config.get("USE_MPS")),
             verify_on_start=bool(config.get("VERIFY_MODEL_ON_START")),
             allow_programs=bool(config.get("ALLOW_MODEL_PROGRAMS")),
+            code_modules=tuple(config.get("MODEL_CODE_MODULES") or ()),
             max_file_size=config.get("MAX_MODEL_FILE_SIZE") or Settings.MAX_MODEL_FILE_SIZE,
             poll_seconds=config.get("PRED_MODEL_POLL_SECONDS", Settings.PRED_MODEL_POLL_SECONDS),
         )
@@ -292,7 +294,7 @@ class ModelRegistry:
 
     def _read_located(self, located):
         started = time.perf_counter()
-        model = read_model_file(located.path, self.allow_programs, self.max_file_size)
+        model = read_model_file(located.path, self.allow_programs, self.max_file_size, self.code_modules)
         info = {
             **located.provenance,
             "model_path": str(located.path),

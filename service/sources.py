@@ -59,6 +59,7 @@ class MlflowSource:
     models_dir: str
     uuid: str | None = None
     allow_programs: bool = False
+    code_modules: tuple[str, ...] = ()
     setting = "PRED_MODEL_URI"
 
     @property
@@ -83,7 +84,9 @@ class MlflowSource:
         from service import mlflow_store  # here, not at the top: mlflow takes seconds to import
 
         try:
-            fetched = mlflow_store.fetch_model_uri(self.uri, self.models_dir, allow_programs=self.allow_programs)
+            fetched = mlflow_store.fetch_model_uri(
+                self.uri, self.models_dir, allow_programs=self.allow_programs, code_modules=self.code_modules
+            )
         except mlflow_store.ModelRefused as exc:
             raise SourceError(f"{self.setting}: {exc}", refused=True, version=exc.version) from None
         except mlflow_store.FetchError as exc:
@@ -110,5 +113,6 @@ def from_config(config):
             config.get("MODELS_DIR", "models"),
             config.get("PRED_MODEL_UUID"),
             bool(config.get("ALLOW_MODEL_PROGRAMS")),
+            tuple(config.get("MODEL_CODE_MODULES") or ()),
         )
     return None
