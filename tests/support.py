@@ -24,7 +24,7 @@ from service.demo import stop  # noqa: F401  (tests stop the servers they start 
 ROOT = Path(__file__).resolve().parent.parent
 # The environment variables the service reads; tests start with none of them set.
 SERVICE_VARIABLES = tuple(f.name for f in fields(Settings)) + (
-    "WEB_CONCURRENCY", "TORCH_NUM_THREADS", "MLFLOW_TRACKING_URI", "PYTHONPATH",
+    "WEB_CONCURRENCY", "TORCH_NUM_THREADS", "MLFLOW_TRACKING_URI",
 )
 BIN = Path(sys.executable).parent
 GUNICORN_CMD = [str(BIN / "gunicorn"), "-c", "config/gunicorn.conf.py", "wsgi:app"]
