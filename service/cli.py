@@ -9,7 +9,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from config.settings import ConfigError, gunicorn_binds
-from service import demo
+from service import architectures, demo
 from service.formats import ModelFileError, read_model_file
 from service.registry import ModelLoadError, ModelRegistry
 from service.training import DEFAULT_EXPERIMENT, TrainConfig
@@ -20,22 +20,58 @@ model_cli = AppGroup("model", help="Inspect, fetch, train and verify models.")
 @model_cli.command("inspect")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 def inspect_command(path):
-    """Load a model file (or MLflow model directory) as the service would and print what it serves."""
+    """Load a model file (or MLflow model directory) as the service would and print what it serves:
+    the architecture and where its code comes from, the preprocessing, the labels and the size."""
     config = current_app.config
     try:
-        model = read_model_file(path, config["ALLOW_MODEL_PROGRAMS"], config["MAX_MODEL_FILE_SIZE"])
+        model = read_model_file(
+            path, config["ALLOW_MODEL_PROGRAMS"], config["MAX_MODEL_FILE_SIZE"], config["MODEL_CODE_MODULES"]
+        )
     except ModelFileError as exc:
         raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(describe(model), indent=2))
+
+
+def describe(model):
+    """What ``flask model inspect`` prints of a :class:`~service.formats.ModelFile`."""
     classifier, metadata = model.classifier, model.metadata
-    summary = {
+    parameters = sum(p.numel() for p in classifier.module.parameters())
+    labels = list(classifier.labels)
+    return {
         "architecture": metadata["architecture"],
-        "labels": list(classifier.labels),
-        "input_shape": list(classifier.input_spec.shape),
-        "normalize": {"mean": classifier.input_spec.mean, "std": classifier.input_spec.std}
-        if classifier.input_spec.mean
-        else None,
+        "code": code_source(metadata["architecture"], current_app.config["MODEL_CODE_MODULES"]),
+        "architecture_args": metadata.get("architecture_args") or {},
+        "weights": metadata.get("weights"),
+        "preprocess": classifier.input_spec.describe(),
+        "labels": len(labels),
+        "first_labels": labels[:10],
+        "parameters": parameters,
+        "file": {"size": model.size, "sha256": model.sha256},
     }
-    click.echo(json.dumps(summary, indent=2))
+
+
+def code_source(name, code_modules):
+    """Where the code of architecture ``name`` comes from, in words."""
+    if name.startswith(("torchscript:", "torch.export")):
+        return "the model file itself (a program, ALLOW_MODEL_PROGRAMS)"
+    return architectures.resolve(name, code_modules).source
+
+
+@model_cli.command("architectures")
+def architectures_command():
+    """List the architecture names a model file's metadata can give: built-in and torchvision
+    classifiers (and say how to allow the project's own)."""
+    for name in sorted(architectures.ARCHITECTURES):
+        click.echo(name)
+    for name in architectures.classification_models():
+        click.echo(f"{architectures.TORCHVISION}:{name}")
+    modules = current_app.config["MODEL_CODE_MODULES"]
+    allowed = ", ".join(modules) if modules else "none"
+    click.echo(
+        f"<module>:<class or marked function> for modules under {architectures.CODE_MODULES_SETTING} "
+        f"(now: {allowed})",
+        err=True,
+    )
 
 
 # MLflow and plotting are imported by the commands that use them: the app (and every gunicorn
