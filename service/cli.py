@@ -35,17 +35,18 @@ def inspect_command(path):
 def describe(model):
     """What ``flask model inspect`` prints of a :class:`~service.formats.ModelFile`."""
     classifier, metadata = model.classifier, model.metadata
-    parameters = sum(p.numel() for p in classifier.module.parameters())
-    labels = list(classifier.labels)
+    spec = classifier.input_spec
     return {
         "architecture": metadata["architecture"],
         "code": code_source(metadata["architecture"], current_app.config["MODEL_CODE_MODULES"]),
         "architecture_args": metadata.get("architecture_args") or {},
         "weights": metadata.get("weights"),
-        "preprocess": classifier.input_spec.describe(),
-        "labels": len(labels),
-        "first_labels": labels[:10],
-        "parameters": parameters,
+        "parameters": sum(p.numel() for p in classifier.module.parameters()),
+        "input_shape": list(spec.shape),
+        "normalize": {"mean": spec.mean, "std": spec.std} if spec.mean else None,
+        "preprocess": spec.describe(),
+        "label_count": len(classifier.labels),
+        "labels": list(classifier.labels),
         "file": {"size": model.size, "sha256": model.sha256},
     }
 

@@ -110,6 +110,15 @@ def write_template_checkpoint(path, seed=0, **extras):
     return path
 
 
+def flask(*args):
+    """Run ``flask --app wsgi <args>`` as a user would, with no model configured, whatever .env says."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
+    env.update(PRED_MODEL_PATH="", PRED_MODEL_URI="")
+    return subprocess.run(
+        [str(BIN / "flask"), "--app", "wsgi", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 @dataclass
 class Server:
     """A running server process and where to reach it."""

@@ -14,7 +14,7 @@ from service.architectures import DigitCNN
 from service.images import decode_image
 from service.formats import read_model
 from tests import images
-from tests.support import BIN, ROOT, SERVICE_VARIABLES, run_gunicorn, write_template_checkpoint
+from tests.support import flask, BIN, ROOT, SERVICE_VARIABLES, run_gunicorn, write_template_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -178,14 +178,6 @@ def test_a_model_that_fails_its_warm_up_stops_start_up(tmp_path):
 
 
 # -- flask CLI ----------------------------------------------------------------------------------
-
-
-def flask(*args):
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
-    env.update(PRED_MODEL_PATH="", PRED_MODEL_URI="")  # no model configured, whatever .env says
-    return subprocess.run(
-        [str(BIN / "flask"), "--app", "wsgi", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
 
 
 def test_the_flask_cli_works_with_no_model_configured():
