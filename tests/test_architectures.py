@@ -634,3 +634,36 @@ def test_flask_model_inspect_shows_the_network_its_code_and_preprocessing(tmp_pa
     assert shown["preprocess"]["resize"] == 256 and shown["preprocess"]["crop"] == [224, 224]
     assert shown["preprocess"]["interpolation"] == "bicubic" and shown["label_count"] == 10 and shown["labels"] == LABELS
     assert shown["parameters"] == sum(p.numel() for p in network("efficientnet_b0").parameters())
+
+
+# -- the README's recipes run as written ------------------------------------------------------------
+
+
+def readme_recipe(number):
+    """The Python block of recipe ``number`` in the README's "Serve your own model"."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Serve your own model"):]
+    recipe = section[section.index(f"**{number}. "):]
+    return recipe[recipe.index("```python\n") + len("```python\n"):recipe.index("```\n", recipe.index("```python"))]
+
+
+def test_the_readme_recipes_for_a_torchvision_network_and_an_own_class_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_recipe(1), "README recipe 1", "exec"), {})
+    model = read_model_file(tmp_path / "models" / "pets" / "model" / "model.pt")
+    assert model.classifier.labels == ("cat", "dog", "rabbit") and model.classifier.input_spec.resize == 256
+
+    package = tmp_path / "src" / "readme_pets"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "networks.py").write_text(readme_recipe(2))
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    net = importlib.import_module("readme_pets.networks").PetNet(3, width=32)
+    path = checkpoint(
+        tmp_path / "own.pt", net, architecture="readme_pets.networks:PetNet", architecture_args={"width": 32},
+        labels=["cat", "dog", "rabbit"], preprocess={"resize": 160, "crop": 128},
+        normalize={"mean": [0.5] * 3, "std": [0.25] * 3}, input_shape=[3, 128, 128],
+    )
+    assert read_model_file(path, code_modules=("readme_pets",)).classifier.input_spec.shape == (3, 128, 128)
+    for module in [m for m in sys.modules if m.startswith("readme_pets")]:
+        del sys.modules[module]
