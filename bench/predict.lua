@@ -1,6 +1,9 @@
--- wrk script: POST one multipart request with N copies of a PNG to the predict endpoint.
+-- wrk script: POST one multipart request with N copies of an image to the predict endpoint.
 --
 --   wrk -c8 -d10s -s bench/predict.lua http://127.0.0.1:8080/api/v1/model/predict -- digit.png 16
+--
+-- Each copy is a part named image_file, its file name the image's with the copy's number
+-- (digit-1.png, digit-2.png, ...) and its type from the extension (PNG, or JPEG for .jpg/.jpeg).
 --
 -- Prints one JSON line at the end (prefixed "bench-result ") for bench/run.py to read.
 
@@ -15,13 +18,20 @@ end
 function init(args)
    local path, count = args[1], tonumber(args[2] or "1")
    local file = assert(io.open(path, "rb"), "cannot open " .. tostring(path))
-   local png = file:read("*a")
+   local image = file:read("*a")
    file:close()
+   local stem, extension = path:match("([^/]-)%.(%w+)$")
+   if not stem then
+      stem, extension = path:match("([^/]*)$"), "png"
+   end
+   local jpeg = extension:lower() == "jpg" or extension:lower() == "jpeg"
+   local content_type = jpeg and "image/jpeg" or "image/png"
    local parts = {}
    for i = 1, count do
       parts[#parts + 1] = "--" .. boundary .. "\r\n"
-         .. 'Content-Disposition: form-data; name="image_file"; filename="digit-' .. i .. '.png"\r\n'
-         .. "Content-Type: image/png\r\n\r\n" .. png .. "\r\n"
+         .. 'Content-Disposition: form-data; name="image_file"; filename="' .. stem .. "-" .. i .. "." .. extension
+         .. '"\r\n'
+         .. "Content-Type: " .. content_type .. "\r\n\r\n" .. image .. "\r\n"
    end
    parts[#parts + 1] = "--" .. boundary .. "--\r\n"
    wrk.method = "POST"

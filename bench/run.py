@@ -1,7 +1,7 @@
 """``make bench``: the service as deployed under wrk load, against its limit and its floors.
 
 In one run, each on free loopback ports and driven by wrk (a second process) with
-bench/predict.lua, the same multipart digit every time:
+bench/predict.lua, the same multipart digit every time (a photo in the last part):
 
 - the limit with no HTTP at all: the predict view's own decode + preprocess + forward calls, in
   as many processes as workers, one torch thread each;
@@ -10,11 +10,16 @@ bench/predict.lua, the same multipart digit every time:
   predict view's model calls;
 - the service exactly as deployed (config/gunicorn.conf.py): one-image requests at concurrency
   1, 8 and 32, then 16-image requests;
-- the service behind nginx with deploy/nginx.conf.
+- the service behind nginx with deploy/nginx.conf;
+- photos (bench/photos.py): a 12 MP phone JPEG posted to the service serving torchvision's
+  mobilenet_v3_small, then resnet18, with one worker and one torch thread, at concurrency 1 and 8,
+  beside the naive in-process pipeline (full decode, ``weights.transforms()``, eager forward);
+  then the decode margin's cost and accuracy on photos of 12, 48 and 2 MP. ``--photos-only`` runs
+  this part alone.
 
 Prints one table and the CPU split of a one-image request (gunicorn, Flask, the model's work
-as served, the service's own layers), and writes both, with a plot, into BENCHMARKS.md (between the markers;
-the rest of that file is left as it is).
+as served, the service's own layers), then the photos' tables, and writes them, with a plot, into
+BENCHMARKS.md (between the markers; the rest of that file is left as it is).
 """
 
 import argparse
@@ -45,6 +50,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import photos  # noqa: E402
+from bench.floors import single_threaded_model  # noqa: E402
 from config.settings import child_environment, server_from_env  # noqa: E402
 from service.architectures import DigitCNN  # noqa: E402
 from service.demo import GUNICORN, stop  # noqa: E402
@@ -60,6 +67,13 @@ FLOORS = (
 NGINX_LABEL = "through nginx (deploy/nginx.conf), 1 image per request"
 PREDICT = "/api/v1/model/predict"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# Between BEGIN and END, the photos' report follows this line: `--photos-only` rewrites it alone.
+PHOTOS_MARK = "<!-- bench:photos -->"
+GENERATED_NOTE = "<!-- Written by `make bench` (bench/run.py); edits here are replaced. -->"
+# The photo runs: one worker with one torch thread, so the served latency is one request's own.
+PHOTO_WORKERS = 1
+PHOTO_ENV = {"TORCH_NUM_THREADS": 1}
+PHOTO_CONCURRENCY = (1, 8)
 MB = 1024 * 1024
 
 # Targets on the 2-core reference machine (see BENCHMARKS.md).
@@ -196,10 +210,11 @@ class Gunicorn:
     Without ``app``, the service exactly as deployed (config/gunicorn.conf.py, ``model_path``
     served); with ``app`` (``module:callable``), that app under gunicorn's defaults, sync
     workers, no access log: how the floors in bench/floors.py run (``model_path`` in
-    PRED_MODEL_PATH, for the one that runs the model).
+    PRED_MODEL_PATH, for the one that runs the model). ``env`` adds to the service's environment
+    (TORCH_NUM_THREADS, say).
     """
 
-    def __init__(self, log_path, workers, model_path=None, app=None):
+    def __init__(self, log_path, workers, model_path=None, app=None, env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -213,6 +228,7 @@ class Gunicorn:
                 "TORCH_NUM_THREADS": None,
                 "API_KEY": None,
                 "PROMETHEUS_MULTIPROC_DIR": None,
+                **(env or {}),
             })
         else:
             self.command = [GUNICORN[0], "--workers", str(workers), "--worker-class", "sync",
@@ -475,6 +491,199 @@ def paired_difference(first, second):
             statistics.median(run.cpu_ms for run in second), differences)
 
 
+# --- phone photos -----------------------------------------------------------------------------
+
+
+@dataclass
+class PhotoResult:
+    """One torchvision model's photo runs: the naive pipeline and the service's calls in this
+    process (photos.Timing), the service under wrk (concurrency -> Run)."""
+
+    model: photos.PhotoModel
+    naive: photos.Timing
+    naive_busy: float
+    calls: photos.Timing
+    calls_busy: float
+    served: dict
+
+    @property
+    def ratio(self):
+        """Served p50 at concurrency 1 over the naive pipeline's p50."""
+        return self.served[1].p50_ms / self.naive.p50_ms
+
+    @property
+    def busiest(self):
+        return max([self.naive_busy, self.calls_busy, *(run.busy_elsewhere for run in self.served.values())])
+
+
+def time_in_process(call, runs):
+    """``photos.time_calls`` with the cores other processes kept busy meanwhile: (Timing, cores)."""
+    busy, ours, wall = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
+    timing = photos.time_calls(call, runs)
+    elsewhere = (busy_cpu_seconds() - busy) - (own_cpu_seconds() - ours)
+    return timing, max(0.0, elsewhere / (time.monotonic() - wall))
+
+
+def post_photo(url, photo_path):
+    """One prediction request with the photo, as wrk sends it; raise SystemExit unless answered 200."""
+    upload = {"image_file": (photo_path.name, photo_path.read_bytes(), "image/jpeg")}
+    answer = requests.post(url + PREDICT, files=upload, timeout=60)
+    if answer.status_code != 200:
+        raise SystemExit(f"the service answered the photo with {answer.status_code}: {answer.text[:300]}")
+    return answer.json()
+
+
+def measure_photo_model(folder, model, photo_path, seconds, runs):
+    """The naive pipeline (half its runs before the served ones, half after, so that drift in the
+    machine's speed hits both alike), the service's calls without HTTP, and the service under wrk."""
+    checkpoint = photos.write_checkpoint(folder / "models" / model.architecture / "model.pt", model)
+    data = photo_path.read_bytes()
+    with photos.torch_threads(1):
+        naive = photos.NaivePipeline(checkpoint, model)
+        print(f"photos, {model.architecture}: the naive pipeline and the service's calls in this process ...",
+              flush=True)
+        first, first_busy = time_in_process(lambda: naive(data), runs // 2 + runs % 2)
+        classifier, max_pixels = single_threaded_model(checkpoint)
+        calls, calls_busy = time_in_process(
+            lambda: classifier.classify([classifier.prepare(data, photo_path.name, max_pixels)]), runs)
+        served = {}
+        with Gunicorn(folder / f"photos-{model.architecture}.log", PHOTO_WORKERS, model_path=checkpoint,
+                      env=PHOTO_ENV) as server:
+            post_photo(server.url, photo_path)
+            for connections in PHOTO_CONCURRENCY:
+                print(f"wrk: {model.architecture}, the photo, {connections} connection(s) ...", flush=True)
+                served[connections] = measure_http(server, connections, photo_path, 1, seconds,
+                                                   label=f"served, {connections} connection(s)")
+        second, second_busy = time_in_process(lambda: naive(data), runs // 2)
+    return PhotoResult(model, first + second, max(first_busy, second_busy), calls, calls_busy, served)
+
+
+def photo_table(results, runs):
+    head = ("| Model | Pipeline | Concurrency | Images/s | p50 ms | p99 ms | Non-2xx | CPU ms/image "
+            "| Busy elsewhere (cores) | p50 ÷ naive p50 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for result in results:
+        name, naive = result.model.architecture, result.naive
+        in_process = [
+            (f"naive, in-process: full decode, weights.transforms(), eager forward ({runs} runs)", naive,
+             result.naive_busy),
+            (f"the service's calls, in-process: Classifier.prepare + classify ({runs} runs)", result.calls,
+             result.calls_busy),
+        ]
+        for label, timing, busy in in_process:
+            lines.append(
+                f"| {name} | {label} | 1 | {fmt(1000 / statistics.mean(timing.wall_ms))} | {fmt(timing.p50_ms, 1)} "
+                f"| – | – | {fmt(statistics.mean(timing.cpu_ms), 1)} | {fmt(busy, 2)} "
+                f"| {fmt(timing.p50_ms / naive.p50_ms, 2)} |"
+            )
+        for connections, run in result.served.items():
+            lines.append(
+                f"| {name} | served: gunicorn as deployed, {PHOTO_WORKERS} worker, 1 torch thread, wrk | {connections} "
+                f"| {fmt(run.images_per_s)} | {fmt(run.p50_ms, 1)} | {fmt(run.p99_ms, 1)} | {fmt(run.non_2xx, 0)} "
+                f"| {fmt(run.cpu_ms, 1)} | {fmt(run.busy_elsewhere, 2)} | {fmt(run.p50_ms / naive.p50_ms, 2)} |"
+            )
+    return "\n".join(lines)
+
+
+def photo_targets(results):
+    """Each model's target, the served p50 at concurrency 1 over the naive p50, judged as the digits' are."""
+    lines = ["| Target | Measured | Met |", "|---|---|---|"]
+    all_met = True
+    for result in results:
+        one = result.served[1]
+        errors = sum(run.non_2xx + run.socket_errors for run in result.served.values())
+        name = (f"{result.model.architecture}: served p50 at concurrency 1 ≤ {result.model.target} × the naive "
+                "pipeline's p50, no errors")
+        cpu_ratio = one.cpu_ms / statistics.mean(result.naive.cpu_ms)
+        value = (f"{result.ratio:.2f} × ({one.p50_ms:.1f} of {result.naive.p50_ms:.1f} ms; in CPU per image "
+                 f"{cpu_ratio:.2f} ×), {errors} non-2xx or socket errors")
+        if result.busiest > QUIET_CORES:
+            verdict, ok = (f"not judged: up to {result.busiest:.2f} cores busy elsewhere during the runs "
+                           f"(over {QUIET_CORES})", False)
+        else:
+            ok = result.ratio <= result.model.target and errors == 0
+            verdict = "yes" if ok else "**no**"
+        all_met = all_met and ok
+        lines.append(f"| {name} | {value} | {verdict} |")
+    return "\n".join(lines), all_met
+
+
+def margin_table(rows):
+    head = ("| Photo | JPEG MB | Margin | Decoded to | Decode + preprocess, CPU ms | × the full decode's "
+            "| Mean abs diff | Max abs diff | Max probability diff | Same top class |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        decoded = f"{row.decoded[0]}x{row.decoded[1]}" + (f" (1/{row.scale})" if row.scale > 1 else "")
+        if row.margin is None:
+            lines.append(f"| {row.photo} | {row.megabytes:.2f} | whole (the reference: weights.transforms()) "
+                         f"| {decoded} | {row.ms:.1f} | 1 | 0 | 0 "
+                         f"| 0 (its top class: {row.top_probability:.4f}) | – |")
+            continue
+        lines.append(
+            f"| {row.photo} | {row.megabytes:.2f} | {row.margin} (≥ {row.side}) | {decoded} | {row.ms:.1f} "
+            f"| {row.ms / row.reference_ms:.2f} | {row.mean_diff:.4f} | {row.max_diff:.4f} "
+            f"| {row.probability_diff:.5f} | {'yes' if row.same_top1 else '**no**'} |"
+        )
+    return "\n".join(lines)
+
+
+def bench_photos(args):
+    """The photo runs: each torchvision model naive, in-process and served, then the decode margin;
+    print their tables and return (their report, whether their targets are met)."""
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="prediction-bench-photos-") as folder:
+        folder = Path(folder)
+        print("photos: making the phone photos ...", flush=True)
+        photo = photos.phone_photo(*photos.SERVED_PHOTO)
+        photo_path = folder / "photo.jpg"
+        photo_path.write_bytes(photo)
+        results = [measure_photo_model(folder, model, photo_path, args.duration, args.photo_runs)
+                   for model in photos.PHOTO_MODELS]
+    print("photos: the decode margin ...", flush=True)
+    sizes = {size: photo if size == photos.SERVED_PHOTO else photos.phone_photo(*size) for size in photos.MARGIN_PHOTOS}
+    named = {f"{w * h / 1e6:.0f} MP ({w}x{h})": data for (w, h), data in sizes.items()}
+    with photos.torch_threads(1):
+        rows, logit_std = photos.margin_study(named, runs=args.margin_runs)
+    load_after = os.getloadavg()
+    results_table = photo_table(results, args.photo_runs)
+    verdicts, all_met = photo_targets(results)
+    margins = margin_table(rows)
+    print("\n" + results_table + "\n\n" + verdicts + "\n\n" + margins)
+    width, height = photos.SERVED_PHOTO
+    body = "\n\n".join([
+        "## Photos",
+        "\n".join([
+            f"- Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {args.duration} s per wrk run, "
+            f"{args.photo_runs} in-process runs per pipeline.",
+            f"- The photo: {width}x{height} ({width * height / 1e6:.0f} MP) baseline JPEG, quality 90, 4:2:0, "
+            f"{len(photo) / 1e6:.2f} MB: scikit-learn's china.jpg upscaled with grain and fine texture "
+            "(bench/photos.py), posted as one multipart image_file per request.",
+            f"- Models: torchvision builders with random weights (the same compute as trained ones), their weights "
+            "enum naming the preprocessing and categories. Served by gunicorn with config/gunicorn.conf.py, "
+            f"WEB_CONCURRENCY={PHOTO_WORKERS}, TORCH_NUM_THREADS=1; in-process runs with one torch thread too.",
+            f"- Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
+            f"after: {', '.join(f'{v:.2f}' for v in load_after)}.",
+        ]),
+        results_table,
+        "p50 ÷ naive p50: the row's p50 over the naive pipeline's, the same model. The naive pipeline's runs "
+        "are taken half before the served ones and half after. CPU ms/image: for the served rows, gunicorn's "
+        "and wrk's CPU per request; in-process, this process's CPU per call.",
+        "### Photo targets",
+        verdicts,
+        "### Photos: the decode margin",
+        "Each photo decoded as the service decodes it with each margin — libjpeg's smallest scale (1, 1/2, 1/4 "
+        "or 1/8) that keeps the shorter side at least margin × 256 (ResNet18_Weights' resize), then reduced by "
+        "a whole factor no further than that (the 48 MP photo's 1/16 at margin 1 is 1/8 and a 2 × 2 box) — and "
+        f"preprocessed: its CPU time (the median of {args.margin_runs} rounds in which the margins and the full "
+        "decode take turns; one thread), and how far it lands from the full decode through weights.transforms(): "
+        "the 224x224 crop's pixels in [0, 1] before normalisation, and the probabilities of a resnet18 with "
+        f"random weights whose last layer is scaled so that its logits spread {logit_std:.1f} (standard deviation "
+        "across the 1000 classes) on these photos.",
+        margins,
+    ])
+    return body, all_met
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -641,36 +850,31 @@ def conditions(load_before, load_after, workers, seconds, limit_seconds):
     ])
 
 
-def write_report(path, body):
-    generated = f"{BEGIN}\n<!-- Written by `make bench` (bench/run.py); edits here are replaced. -->\n\n{body}\n{END}"
+def write_report(path, body=None, photos_body=None):
+    """Write the generated section of ``path``, between the markers: ``body`` (the digits' report),
+    then ``photos_body`` (the photos'); either one left out is kept as the file has it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
+    has_markers = BEGIN in text and END in text
+    kept_body, kept_photos = "", ""
+    if has_markers:
+        inside = text[text.index(BEGIN) + len(BEGIN): text.index(END)].replace(GENERATED_NOTE, "")
+        kept_body, _, kept_photos = inside.partition(PHOTOS_MARK)
+    body = (kept_body if body is None else body).strip()
+    photos_body = (kept_photos if photos_body is None else photos_body).strip()
+    body_text = body + (f"\n\n{PHOTOS_MARK}\n\n{photos_body}" if photos_body else "")
+    generated = f"{BEGIN}\n{GENERATED_NOTE}\n\n{body_text}\n{END}"
+    if has_markers:
         text = text[: text.index(BEGIN)] + generated + text[text.index(END) + len(END):]
     else:
         text = text.rstrip() + "\n\n" + generated + "\n"
     path.write_text(text)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("--limit-duration", type=int, default=5, help="seconds per no-HTTP measurement")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--side-concurrency", default="8",
-                        help="concurrencies of the floors and of the service through nginx (1-image requests)")
-    parser.add_argument("--batch", type=int, default=16, help="images per request in the batch runs")
-    parser.add_argument("--pair-rounds", type=int, default=6,
-                        help="rounds taking turns between the model floor and the service, for the CPU split")
-    parser.add_argument("--pair-duration", type=int, default=4, help="seconds per wrk run in those rounds")
-    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "throughput.png")
-    args = parser.parse_args(argv)
+def bench_digits(args):
+    """The digit runs: the limit, the floors, the service, nginx; print their tables and return
+    (their report, whether all their targets are met)."""
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     side = [int(c) for c in args.side_concurrency.split(",")]
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed (Debian package wrk; .ci/run installs it)")
-
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="prediction-bench-") as folder:
         folder = Path(folder)
@@ -751,8 +955,40 @@ def main(argv=None):
         "### Targets",
         verdicts,
     ])
-    write_report(args.output, body)
-    print(f"\nwrote {args.output} and {args.plot}" + ("" if all_met else " (targets missed or not judged: see BENCHMARKS.md)"))
+    return body, all_met
+
+
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--limit-duration", type=int, default=5, help="seconds per no-HTTP measurement")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--side-concurrency", default="8",
+                        help="concurrencies of the floors and of the service through nginx (1-image requests)")
+    parser.add_argument("--batch", type=int, default=16, help="images per request in the batch runs")
+    parser.add_argument("--pair-rounds", type=int, default=6,
+                        help="rounds taking turns between the model floor and the service, for the CPU split")
+    parser.add_argument("--pair-duration", type=int, default=4, help="seconds per wrk run in those rounds")
+    parser.add_argument("--photo-runs", type=int, default=15,
+                        help="runs of the naive in-process photo pipeline (and of the service's calls) per model")
+    parser.add_argument("--margin-runs", type=int, default=7,
+                        help="rounds of timed decodes, each photo at each margin and whole, in the margin study")
+    parser.add_argument("--photos-only", action="store_true",
+                        help="run the photo section alone (its report replaces only the photos' part)")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "throughput.png")
+    args = parser.parse_args(argv)
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (Debian package wrk; .ci/run installs it)")
+    body, all_met = (None, True) if args.photos_only else bench_digits(args)
+    photos_body, photos_met = bench_photos(args)
+    write_report(args.output, body, photos_body)
+    wrote = f"{args.output}" + ("" if args.photos_only else f" and {args.plot}")
+    missed = "" if all_met and photos_met else " (targets missed or not judged: see BENCHMARKS.md)"
+    print(f"\nwrote {wrote}{missed}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,26 @@ import shutil
 
 import pytest
 import requests
+import torchvision
+from PIL import Image
 
-from bench.run import FLOORS, PREDICT, Gunicorn, Nginx, digit_png, measure_paired, paired_difference, run_wrk
+from bench import photos
+from bench.run import (
+    BEGIN,
+    END,
+    FLOORS,
+    PHOTO_ENV,
+    PHOTO_WORKERS,
+    PREDICT,
+    Gunicorn,
+    Nginx,
+    digit_png,
+    measure_paired,
+    paired_difference,
+    post_photo,
+    run_wrk,
+    write_report,
+)
 from tests.support import run_gunicorn
 
 pytestmark = pytest.mark.slow
@@ -75,3 +93,51 @@ def test_paired_runs_take_turns_and_their_difference_is_the_median_of_each_round
     differences = sorted(b.cpu_ms - a.cpu_ms for a, b in zip(runs["first"], runs["second"]))
     assert difference == differences[1] and sorted(each) == differences
     assert first_median == sorted(run.cpu_ms for run in runs["first"])[1]
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench-photo") / "photo.jpg"
+    path.write_bytes(photos.phone_photo(*photos.SERVED_PHOTO))
+    return path
+
+
+def test_the_bench_photo_is_a_12_megapixel_jpeg_the_size_a_phone_writes(photo_path):
+    photo = Image.open(photo_path)
+    assert photo.format == "JPEG" and photo.size == (4000, 3000) and "progressive" not in photo.info
+    assert 1.2e6 <= photo_path.stat().st_size <= 2e6
+
+
+def test_the_photo_requests_are_answered_by_a_served_torchvision_model(tmp_path, photo_path):
+    model = next(model for model in photos.PHOTO_MODELS if model.architecture == "mobilenet_v3_small")
+    checkpoint = photos.write_checkpoint(tmp_path / "model.pt", model)
+    with Gunicorn(tmp_path / "photos.log", PHOTO_WORKERS, model_path=checkpoint, env=PHOTO_ENV) as server:
+        answer = post_photo(server.url, photo_path)["data"][0]
+        result = run_wrk(server.url + PREDICT, connections=1, png_path=photo_path, images=1, seconds=1)
+    assert answer["image_filename"] == "photo.jpg"
+    assert answer["prediction"] in torchvision.models.get_weight(model.weights).meta["categories"]
+    assert_all_answered(result)
+
+
+def test_the_margin_study_compares_with_the_full_decode(tmp_path):
+    rows, logit_std = photos.margin_study({"2 MP": photos.phone_photo(1600, 1200)}, margins=(1, 3), runs=1)
+
+    reference, reduced, whole = rows
+    assert reference.margin is None and reference.max_diff == 0
+    assert reduced.decoded == (400, 300) and 0 < reduced.mean_diff < reduced.max_diff and reduced.probability_diff > 0
+    assert whole.decoded == (1600, 1200) and whole.max_diff == 0 and whole.probability_diff == 0
+    assert logit_std == pytest.approx(photos.LOGIT_STD, rel=0.01)
+
+
+def test_a_photos_only_run_rewrites_the_photos_report_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(f"# Benchmarks\n\nBy hand.\n\n{BEGIN}\nold\n{END}\n\nAlso by hand.\n")
+    write_report(path, "## Latest run\n\ndigits", "## Photos\n\nfirst photos")
+    write_report(path, None, "## Photos\n\nsecond photos")
+    text = path.read_text()
+    assert "digits" in text and "second photos" in text and "first photos" not in text and "old" not in text
+    write_report(path, "## Latest run\n\nnew digits", None)
+    text = path.read_text()
+    assert "new digits" in text and "second photos" in text
+    assert text.index("new digits") < text.index("second photos") < text.index(END)
+    assert text.startswith("# Benchmarks\n\nBy hand.\n\n" + BEGIN) and text.endswith(f"{END}\n\nAlso by hand.\n")
