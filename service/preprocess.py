@@ -38,9 +38,10 @@ INTERPOLATIONS = {
 # size: the template's margin, which its digits' answers depend on.
 _STRETCH_MARGIN = 4
 # An image to be resized is decoded (or reduced) down to no less than this many times the resize
-# on its shorter side. Measured on photos decoded at 1/2 to 1/8 scale (BENCHMARKS.md, "Photos"):
-# at 2 the crop the network sees differs from the full decode's by less than 1 % of the pixel
-# range on average; at 1 by about twice that, for a decode a third faster.
+# on its shorter side. Measured on 2, 12 and 48 MP photos (BENCHMARKS.md, "Photos: the decode
+# margin"): at 2 the crop the network sees differs from the full decode's by 0.12-0.16 % of the
+# pixel range on average (at most 5/255); at 1 by three to four times that, for 0-30 % less CPU;
+# at 3 by rounding only, for 1.4-1.7 times margin 2's decode of a 12 MP photo.
 RESIZE_MARGIN = 2
 
 
