@@ -21,15 +21,19 @@ SYSTEM_PACKAGES ?= nginx chromium wrk
 system-packages:  ## install the Debian packages the tests need, if missing (apt-get as root or with sudo)
 	@scripts/install-system-packages $(SYSTEM_PACKAGES)
 
+# The local tracking server of make mlflow and of the demo: MLFLOW_PORT=5001 make serve when 5000 is taken.
+MLFLOW_PORT ?= 5000
+
 serve: install  ## serve the configured model with gunicorn on :8080 (none configured: the MLflow demo model)
-	$(BIN)/flask --app wsgi model serve
+	$(BIN)/flask --app wsgi model serve --mlflow-port $(MLFLOW_PORT)
 
 .PHONY: mlflow download train
 # The model commands talk to the local tracking server unless MLFLOW_TRACKING_URI names another.
 TRAIN_ARGS ?=
+download train: export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
 
-mlflow: install  ## the local MLflow tracking server alone (store in var/mlflow/), UI on http://127.0.0.1:5000
-	$(BIN)/flask --app wsgi model tracking-server
+mlflow: install  ## the local MLflow tracking server alone (store in var/mlflow/), UI on http://127.0.0.1:5000 (MLFLOW_PORT)
+	$(BIN)/flask --app wsgi model tracking-server --port $(MLFLOW_PORT)
 
 download: install  ## fetch an MLflow run's model into models/RUN_ID/: make download RUN_ID=...
 	@test -n "$(RUN_ID)" || { echo "usage: make download RUN_ID=<MLflow run id>" >&2; exit 2; }

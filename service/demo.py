@@ -96,12 +96,12 @@ def check_serving_ports(binds):
             raise DemoError(f"port {port} is already in use: stop what is using it, or serve on another port: {advice}")
 
 
-def _check_tracking_port(host, port, option):
+def _check_tracking_port(host, port, advice):
     """Raise DemoError when ``host:port`` is taken by something that is not an MLflow tracking server."""
     if port_in_use(host, port):
         raise DemoError(
             f"port {port} on {host} is in use by another program, not an MLflow tracking server: stop it, "
-            f"or run the tracking server on another port with {option} {port + 1}"
+            f"or run the tracking server on another port: {advice}"
         )
 
 
@@ -115,7 +115,7 @@ def run_tracking_server(store=STORE, host=HOST, port=PORT):
     url = tracking_server_url(host, port)
     if tracking_server_answers(url):
         raise DemoError(f"an MLflow tracking server is already running at {url}")
-    _check_tracking_port(host, port, "--port")
+    _check_tracking_port(host, port, f"MLFLOW_PORT={port + 1} make mlflow (or --port {port + 1})")
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     with Supervisor() as children:
@@ -369,7 +369,7 @@ def serve_demo(models_dir, store=STORE, host=HOST, port=PORT):
             log.info("using the MLflow tracking server already running at %s (it keeps running)", url)
             stops = "Ctrl-C stops the service; the tracking server, started elsewhere, keeps running"
         else:
-            _check_tracking_port(host, port, "--mlflow-port")
+            _check_tracking_port(host, port, f"MLFLOW_PORT={port + 1} make serve (or --mlflow-port {port + 1})")
             start_tracking_server(store, host, port, children=children)
             stops = "Ctrl-C stops the service and the tracking server"
         tracking = mlflow_store.connect(url)

@@ -80,7 +80,8 @@ def test_the_demo_names_mlflow_port_when_its_tracking_port_is_taken():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: port {mlflow_port} on 127.0.0.1 is in use by another program, not an MLflow tracking server: "
-        f"stop it, or run the tracking server on another port with --mlflow-port {mlflow_port + 1}"
+        f"stop it, or run the tracking server on another port: MLFLOW_PORT={mlflow_port + 1} make serve "
+        f"(or --mlflow-port {mlflow_port + 1})"
     )
     assert "exited with" not in result.stderr
 
@@ -92,7 +93,7 @@ def test_the_tracking_server_command_names_port_when_its_port_is_taken():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: port {port} on 127.0.0.1 is in use by another program, not an MLflow tracking server: "
-        f"stop it, or run the tracking server on another port with --port {port + 1}"
+        f"stop it, or run the tracking server on another port: MLFLOW_PORT={port + 1} make mlflow (or --port {port + 1})"
     )
 
 
