@@ -8,7 +8,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from config.settings import ConfigError, gunicorn_binds
+from config.settings import ConfigError, gunicorn_binds, tracking_uri
 from service import demo
 from service.formats import ModelFileError, read_model_file
 from service.registry import ModelLoadError, ModelRegistry
@@ -171,8 +171,9 @@ def serve_command(mlflow_host, mlflow_port, store):
     if current_app.config["PRED_MODEL_PATH"] or current_app.config["PRED_MODEL_URI"]:
         demo.exec_gunicorn()
     try:
+        demo.check_tracking_uri(tracking_uri(default=None), mlflow_host, mlflow_port)
         status = demo.serve_demo(current_app.config["MODELS_DIR"], store, mlflow_host, mlflow_port)
-    except (demo.DemoError, mlflow_store.FetchError) as exc:
+    except (ConfigError, demo.DemoError, mlflow_store.FetchError) as exc:
         raise click.ClickException(str(exc)) from None
     except MlflowException as exc:
         raise click.ClickException(mlflow_store.first_line(exc)) from None

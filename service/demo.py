@@ -354,6 +354,22 @@ def ensure_demo_run(tracking):
     return logged.run_id
 
 
+def check_tracking_uri(configured, host=HOST, port=PORT):
+    """Raise DemoError when MLFLOW_TRACKING_URI (``configured``, None when unset) names another server than
+    the demo's: the demo would not use it, so say how to serve from it instead."""
+    from service.mlflow_store import shown_uri
+
+    def same(uri):
+        return uri.rstrip("/").replace("//localhost:", f"//{HOST}:")
+
+    if configured is None or same(configured) == same(tracking_server_url(host, port)):
+        return
+    raise DemoError(
+        f"MLFLOW_TRACKING_URI is {shown_uri(configured)} and no model is configured: serve one from that server "
+        "with PRED_MODEL_URI=models:/<name>@<alias> make serve, or unset MLFLOW_TRACKING_URI for the local demo"
+    )
+
+
 def serve_demo(models_dir, store=STORE, host=HOST, port=PORT):
     """Serve the demo model from a local tracking server; return gunicorn's exit status.
 
