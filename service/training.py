@@ -323,6 +323,14 @@ def _experiment_id(client, name):
     return experiment.experiment_id
 
 
+def installable_version(version):
+    """``version`` as a package index serves it: without a local label such as ``+cu130`` or ``+cpu``,
+    which names one build of a wheel index and that no plain index (PyPI, a mirror) has."""
+    from packaging.version import Version
+
+    return Version(str(version)).public
+
+
 def log_network(tracking, run_id, trained, examples):
     """Log the trained network to run ``run_id`` with ``mlflow.pytorch.log_model`` (torch.export
     format, signature and input example from ``examples``, an Nx1x28x28 batch with N > 1 so the batch
@@ -346,7 +354,7 @@ def log_network(tracking, run_id, trained, examples):
                 model, name=LOGGED_MODEL_NAME, input_example=example, signature=infer_signature(example, output),
                 metadata=trained.checkpoint()["metadata"], serialization_format="pt2",
                 # Named, not inferred: inferring loads the model in a child process, for seconds.
-                pip_requirements=[f"torch=={torch.__version__}"],
+                pip_requirements=[f"torch=={installable_version(torch.__version__)}"],
             )
     finally:
         mlflow.set_tracking_uri(previous)
