@@ -30,6 +30,9 @@ MLFLOW_PORT ?= 5000
 serve: install  ## serve the configured model with gunicorn on :8080 (none configured: the MLflow demo model)
 	$(BIN)/flask --app wsgi model serve --mlflow-port $(MLFLOW_PORT)
 
+digit.png: | $(STAMP)  ## write a held-out handwritten 7 to digit.png, to send to the service
+	$(BIN)/python -c 'from service.training import write_held_out_digit; write_held_out_digit("$@", "7")'
+
 .PHONY: mlflow download train
 # The model commands talk to the local tracking server unless MLFLOW_TRACKING_URI names another.
 TRAIN_ARGS ?=

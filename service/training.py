@@ -106,6 +106,14 @@ def held_out_digits(split_seed=TrainConfig.split_seed, test_fraction=TrainConfig
     return [(digit_image(split.images[i]), LABELS[split.targets[i]]) for i in split.test]
 
 
+def write_held_out_digit(path, label):
+    """Write the first held-out digit ``label`` (one the demo model never trained on) to ``path`` as a
+    PNG, as a client would send it; return the path."""
+    image = next(image for image, target in held_out_digits() if target == label)
+    image.save(path, format="PNG")
+    return path
+
+
 def _tensors(images):
     """Turn 8x8 digits into the Nx1x28x28 batch the service would make of them."""
     return torch.stack([preprocess(digit_image(pixels), INPUT_SPEC) for pixels in images])
