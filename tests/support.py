@@ -222,11 +222,12 @@ class Demo:
 
 
 @contextmanager
-def serve_demo(store, tmp_path, env=None):
+def serve_demo(store, tmp_path, env=None, mlflow_port=None):
     """Run ``flask --app wsgi model serve`` (what ``make serve`` runs) with no model configured, on free
-    ports, with the demo's tracking store in ``store``: in a process group of its own, as a terminal's
-    foreground job. Stopped (with everything it started) when the block ends."""
-    port, mlflow_port = free_port(), free_port()
+    ports (or the tracking server's ``mlflow_port``), with the demo's tracking store in ``store``: in a
+    process group of its own, as a terminal's foreground job. Stopped (with everything it started)
+    when the block ends."""
+    port, mlflow_port = free_port(), mlflow_port or free_port()
     log_path = tmp_path / f"serve-{port}.log"
     environment = child_environment({
         **{name: None for name in SERVICE_VARIABLES},

@@ -14,7 +14,7 @@ import requests
 
 from config.settings import child_environment
 from service import demo
-from tests.support import ROOT, running, serve_demo, stop
+from tests.support import ROOT, mlflow_server, running, serve_demo, stop
 
 
 def harness(tmp_path, body):
@@ -186,3 +186,17 @@ def test_the_demo_leaves_no_process_and_no_port_behind(demo_store, tmp_path, mom
     assert not demo.port_in_use("127.0.0.1", served.port), served.log()
     assert not demo.port_in_use("127.0.0.1", served.mlflow_port), served.log()
     assert "Traceback" not in served.log()
+
+
+@pytest.mark.slow
+def test_a_tracking_server_already_running_is_left_running_and_the_demo_says_so(demo_store, tmp_path):
+    with mlflow_server(demo_store) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with serve_demo(demo_store, tmp_path, mlflow_port=port) as served:
+            started = wait_for_moment(served, "serving")
+            os.killpg(served.process.pid, signal.SIGINT)
+            assert served.process.wait(timeout=120) == 130, served.log()
+            assert wait_until_gone(started, 60) == [], commands(started)
+        assert "Ctrl-C stops the service; the tracking server, started elsewhere, keeps running" in served.log()
+        assert "stops the service and the tracking server" not in served.log()
+        assert demo.tracking_server_answers(url)
