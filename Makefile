@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages serve test clean
+.PHONY: help install system-packages serve test clean
+
+help:  ## list the targets and what they do
+	@grep -hE '^[a-zA-Z_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv and install the pinned requirements
 
@@ -21,15 +24,22 @@ SYSTEM_PACKAGES ?= nginx chromium wrk
 system-packages:  ## install the Debian packages the tests need, if missing (apt-get as root or with sudo)
 	@scripts/install-system-packages $(SYSTEM_PACKAGES)
 
+# The local tracking server of make mlflow and of the demo: MLFLOW_PORT=5001 make serve when 5000 is taken.
+MLFLOW_PORT ?= 5000
+
 serve: install  ## serve the configured model with gunicorn on :8080 (none configured: the MLflow demo model)
-	$(BIN)/flask --app wsgi model serve
+	$(BIN)/flask --app wsgi model serve --mlflow-port $(MLFLOW_PORT)
+
+digit.png: | $(STAMP)  ## write a held-out handwritten 7 to digit.png, to send to the service
+	$(BIN)/python -c 'from service.training import write_held_out_digit; write_held_out_digit("$@", "7")'
 
 .PHONY: mlflow download train
 # The model commands talk to the local tracking server unless MLFLOW_TRACKING_URI names another.
 TRAIN_ARGS ?=
+download train: export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
 
-mlflow: install  ## the local MLflow tracking server alone (store in var/mlflow/), UI on http://127.0.0.1:5000
-	$(BIN)/flask --app wsgi model tracking-server
+mlflow: install  ## the local MLflow tracking server alone (store in var/mlflow/), UI on http://127.0.0.1:5000 (MLFLOW_PORT)
+	$(BIN)/flask --app wsgi model tracking-server --port $(MLFLOW_PORT)
 
 download: install  ## fetch an MLflow run's model into models/RUN_ID/: make download RUN_ID=...
 	@test -n "$(RUN_ID)" || { echo "usage: make download RUN_ID=<MLflow run id>" >&2; exit 2; }

@@ -32,6 +32,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -172,10 +173,20 @@ def measure_limit(model_path, png, images, processes, seconds):
         for _ in range(processes)
     ]
     busy, ours, wall = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
-    for worker in workers:
-        worker.start()
+    # Ctrl-C is for this process alone, which stops the workers: they start with SIGINT blocked (a
+    # child inherits the mask), so none prints a KeyboardInterrupt traceback of its own.
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for worker in workers:
+            worker.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
     try:
         outcomes = [results.get(timeout=seconds + 120) for _ in workers]
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
     finally:
         for worker in workers:
             worker.join(timeout=30)
@@ -992,4 +1003,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # The servers it started are stopped on the way out; the report is written only at the end.
+        print("make bench: interrupted; nothing written", file=sys.stderr)
+        sys.exit(130)

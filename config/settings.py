@@ -130,8 +130,8 @@ LOCAL_TRACKING_URI = "http://127.0.0.1:5000"
 _HOST_PORT = re.compile(r"^[\w.-]+:\d+(/\S*)?$")
 
 
-def tracking_uri(environ=None):
-    """The MLflow tracking server every command uses: MLFLOW_TRACKING_URI, else LOCAL_TRACKING_URI.
+def tracking_uri(environ=None, default=LOCAL_TRACKING_URI):
+    """The MLflow tracking server every command uses: MLFLOW_TRACKING_URI, else ``default`` (the local one).
 
     Raises ConfigError for a server address without a scheme (``127.0.0.1:5000``), which MLflow
     would otherwise take for a folder name.
@@ -139,7 +139,7 @@ def tracking_uri(environ=None):
     environ = os.environ if environ is None else environ
     uri = _text(environ, "MLFLOW_TRACKING_URI")
     if uri is None:
-        return LOCAL_TRACKING_URI
+        return default
     if _HOST_PORT.match(uri):
         raise ConfigError(f"MLFLOW_TRACKING_URI: {uri!r} has no scheme: write http://{uri} (or https://{uri})")
     return uri

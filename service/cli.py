@@ -8,7 +8,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from config.settings import ConfigError, gunicorn_binds
+from config.settings import ConfigError, gunicorn_binds, tracking_uri
 from service import architectures, demo
 from service.formats import ModelFileError, read_model_file
 from service.registry import ModelLoadError, ModelRegistry
@@ -192,7 +192,9 @@ def verify_command(target, run_id):
 @model_cli.command("serve")
 @click.option("--mlflow-host", default=demo.HOST, show_default=True, help="The demo's tracking server address.")
 @click.option("--mlflow-port", type=click.IntRange(1, 65535), default=demo.PORT, show_default=True)
-def serve_command(mlflow_host, mlflow_port):
+@click.option("--mlflow-store", "store", type=click.Path(file_okay=False, path_type=Path), default=demo.STORE,
+              help="The demo's tracking store (default: var/mlflow/).")
+def serve_command(mlflow_host, mlflow_port, store):
     """Serve the configured model with gunicorn; with none configured, serve the demo model.
 
     The demo: a local MLflow tracking server (store in var/mlflow/), the demo model trained there
@@ -210,8 +212,9 @@ def serve_command(mlflow_host, mlflow_port):
     if current_app.config["PRED_MODEL_PATH"] or current_app.config["PRED_MODEL_URI"]:
         demo.exec_gunicorn()
     try:
-        status = demo.serve_demo(current_app.config["MODELS_DIR"], demo.STORE, mlflow_host, mlflow_port)
-    except (demo.DemoError, mlflow_store.FetchError) as exc:
+        demo.check_tracking_uri(tracking_uri(default=None), mlflow_host, mlflow_port)
+        status = demo.serve_demo(current_app.config["MODELS_DIR"], store, mlflow_host, mlflow_port)
+    except (ConfigError, demo.DemoError, mlflow_store.FetchError) as exc:
         raise click.ClickException(str(exc)) from None
     except MlflowException as exc:
         raise click.ClickException(mlflow_store.first_line(exc)) from None

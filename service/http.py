@@ -7,6 +7,7 @@ from inspect import iscoroutinefunction
 from flask import Flask, Request, current_app, has_request_context, request
 from flask.json.provider import DefaultJSONProvider
 from flask_smorest import Api, abort
+from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.utils import cached_property
 from werkzeug.wsgi import LimitedStream
@@ -107,6 +108,62 @@ class UploadRequest(Request):
                 message=f"a form field is larger than {self.max_form_memory_size} bytes: send each image as "
                 "a file (a part with a filename)",
             )
+
+
+_NAMES_SHOWN = 5
+_NAME_LENGTH = 40
+
+
+def _names(names):
+    """Up to a few field names, each cut short and quoted (control characters escaped)."""
+    names = list(dict.fromkeys(names))  # once each, in the order sent
+    shown = ", ".join(repr(name if len(name) <= _NAME_LENGTH else name[:_NAME_LENGTH] + "…")
+                      for name in names[:_NAMES_SHOWN])
+    return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
+
+
+def _plural(word, count):
+    return word if count == 1 else word + "s"
+
+
+def what_arrived(req):
+    """One phrase saying what a request without the expected upload did carry: its multipart fields
+    and files by name, or what its body was instead."""
+    if req.mimetype != "multipart/form-data":
+        if not req.mimetype and not req.content_length:
+            return "the request has no body"
+        return f"the request body is {req.mimetype or 'of no Content-Type'}, not multipart/form-data"
+    files, fields = list(req.files.keys()), list(req.form.keys())
+    if not files and not fields:
+        return "the multipart request has no fields"
+    parts = []
+    if files:
+        parts.append(f"the file {_plural('field', len(files))} {_names(files)}")
+    if fields:
+        parts.append(f"the text {_plural('field', len(fields))} {_names(fields)} (no filename)")
+    return "the request has " + " and ".join(parts)
+
+
+class UploadParser(FlaskParser):
+    """webargs' parser, saying what did arrive when a required upload is missing, in the API's one
+    error shape: e.g. ``no image_file: the request has the file field 'file'; send each image as
+    multipart field image_file``."""
+
+    MISSING = "Missing data for required field."
+
+    def handle_error(self, error, req, schema, *, error_status_code, error_headers):
+        missing = [name for name, problems in (error.messages.get("files") or {}).items()
+                   if isinstance(problems, list) and self.MISSING in problems]
+        if missing:
+            name = missing[0]
+            message = f"no {name}: {what_arrived(req)}; send each image as multipart field {name}"
+            if name in req.form:
+                message += f" (with curl: -F {name}=@<path>)"
+            abort(error_status_code or self.DEFAULT_VALIDATION_STATUS, exc=error, messages=error.messages,
+                  message=message, headers=error_headers)
+        super().handle_error(
+            error, req, schema, error_status_code=error_status_code, error_headers=error_headers
+        )
 
 
 class ServiceFlask(Flask):

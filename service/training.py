@@ -106,6 +106,14 @@ def held_out_digits(split_seed=TrainConfig.split_seed, test_fraction=TrainConfig
     return [(digit_image(split.images[i]), LABELS[split.targets[i]]) for i in split.test]
 
 
+def write_held_out_digit(path, label):
+    """Write the first held-out digit ``label`` (one the demo model never trained on) to ``path`` as a
+    PNG, as a client would send it; return the path."""
+    image = next(image for image, target in held_out_digits() if target == label)
+    image.save(path, format="PNG")
+    return path
+
+
 def _tensors(images):
     """Turn 8x8 digits into the Nx1x28x28 batch the service would make of them."""
     return torch.stack([preprocess(digit_image(pixels), INPUT_SPEC) for pixels in images])
@@ -323,6 +331,14 @@ def _experiment_id(client, name):
     return experiment.experiment_id
 
 
+def installable_version(version):
+    """``version`` as a package index serves it: without a local label such as ``+cu130`` or ``+cpu``,
+    which names one build of a wheel index and that no plain index (PyPI, a mirror) has."""
+    from packaging.version import Version
+
+    return Version(str(version)).public
+
+
 def log_network(tracking, run_id, trained, examples):
     """Log the trained network to run ``run_id`` with ``mlflow.pytorch.log_model`` (torch.export
     format, signature and input example from ``examples``, an Nx1x28x28 batch with N > 1 so the batch
@@ -346,7 +362,7 @@ def log_network(tracking, run_id, trained, examples):
                 model, name=LOGGED_MODEL_NAME, input_example=example, signature=infer_signature(example, output),
                 metadata=trained.checkpoint()["metadata"], serialization_format="pt2",
                 # Named, not inferred: inferring loads the model in a child process, for seconds.
-                pip_requirements=[f"torch=={torch.__version__}"],
+                pip_requirements=[f"torch=={installable_version(torch.__version__)}"],
             )
     finally:
         mlflow.set_tracking_uri(previous)

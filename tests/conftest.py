@@ -55,3 +55,20 @@ def trained_checkpoint(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trained")
     return fit(TrainConfig(), progress=False).save(root / "models" / TRAINED_RUN_ID / "model" / "model.pt")
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory):
+    """A tracking store holding a demo run, as ``make serve`` leaves in var/mlflow/ (quickly trained:
+    one epoch on a few hundred digits), registered as digit-classifier@champion."""
+    from service import demo, mlflow_store
+    from service.training import DEFAULT_EXPERIMENT, TrainConfig, train_and_log
+    from tests.support import mlflow_server
+
+    store = tmp_path_factory.mktemp("demo-store")
+    with mlflow_server(store) as url:
+        train_and_log(
+            TrainConfig(epochs=2, train_limit=600), mlflow_store.connect(url), DEFAULT_EXPERIMENT,
+            demo.DEMO_MODEL_NAME, demo.DEMO_ALIAS, tags={demo.DEMO_TAG: "true"}, progress=False,
+        )
+    return store

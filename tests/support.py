@@ -211,3 +211,60 @@ def mlflow_server(store, env=None, app_name=None):
         yield url
     finally:
         stop(process)
+
+
+@dataclass
+class Demo:
+    """``make serve``'s supervisor serving the demo: its process, its gunicorn and tracking server ports."""
+
+    process: subprocess.Popen
+    port: int
+    mlflow_port: int
+    log_path: Path
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def serve_demo(store, tmp_path, env=None, mlflow_port=None):
+    """Run ``flask --app wsgi model serve`` (what ``make serve`` runs) with no model configured, on free
+    ports (or the tracking server's ``mlflow_port``), with the demo's tracking store in ``store``: in a
+    process group of its own, as a terminal's foreground job. Stopped (with everything it started)
+    when the block ends."""
+    port, mlflow_port = free_port(), mlflow_port or free_port()
+    log_path = tmp_path / f"serve-{port}.log"
+    environment = child_environment({
+        **{name: None for name in SERVICE_VARIABLES},
+        "PORT": port, "MODELS_DIR": tmp_path / "models", "PYTHONUNBUFFERED": "1", "WEB_CONCURRENCY": 2,
+        **(env or {}),
+    })
+    command = [
+        str(BIN / "flask"), "--app", "wsgi", "model", "serve",
+        "--mlflow-port", str(mlflow_port), "--mlflow-store", str(store),
+    ]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=environment, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield Demo(process, port, mlflow_port, log_path)
+    finally:
+        stop(process, timeout=60)
+
+
+def running(pids):
+    """The pids of ``pids`` that still run (a zombie waiting to be reaped has stopped)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive

@@ -279,11 +279,41 @@ def test_swagger_ui_is_served_with_local_assets_only(client):
 def test_no_image_file_is_422(client):
     body = assert_error(client.post(PREDICT, data={}, content_type="multipart/form-data"), 422)
     assert "image_file" in body["errors"]["files"]
+    assert body["message"] == (
+        "no image_file: the multipart request has no fields; send each image as multipart field image_file"
+    )
 
 
-def test_a_misnamed_field_is_422(client):
-    body = assert_error(client.post(PREDICT, data={"file": (io.BytesIO(images.png(0)), "0.png")}), 422)
+@pytest.mark.parametrize(
+    ("data", "arrived"),
+    [
+        ({"file": (io.BytesIO(images.png(0)), "0.png")}, "the file field 'file'"),
+        ({"image": (io.BytesIO(images.png(0)), "0.png"), "note": "x"},
+         "the file field 'image' and the text field 'note' (no filename)"),
+        ({"a": (io.BytesIO(b"1"), "a.png"), "b": (io.BytesIO(b"2"), "b.png")}, "the file fields 'a', 'b'"),
+    ],
+    ids=["file", "image-and-a-text-field", "two-files"],
+)
+def test_a_misnamed_field_is_422_naming_what_arrived_and_what_it_must_be_called(client, data, arrived):
+    body = assert_error(client.post(PREDICT, data=data, content_type="multipart/form-data"), 422)
     assert "image_file" in body["errors"]["files"]
+    assert body["message"] == f"no image_file: the request has {arrived}; send each image as multipart field image_file"
+
+
+def test_a_file_sent_as_text_is_told_how_to_send_it_as_a_file(client):
+    # curl -F image_file=digit.png (without the @) sends the name as text.
+    body = assert_error(client.post(PREDICT, data={"image_file": "digit.png"}, content_type="multipart/form-data"), 422)
+    assert body["message"] == (
+        "no image_file: the request has the text field 'image_file' (no filename); send each image as multipart "
+        "field image_file (with curl: -F image_file=@<path>)"
+    )
+
+
+def test_the_names_shown_are_few_and_short(client):
+    data = {f"field-{n}-" + "x" * 100: (io.BytesIO(b"1"), f"{n}.png") for n in range(8)}
+    message = assert_error(client.post(PREDICT, data=data, content_type="multipart/form-data"), 422)["message"]
+    assert "'field-0-" + "x" * 32 + "…'" in message and "field-4-" in message and "field-5-" not in message
+    assert "and 3 more;" in message and len(message) < 400
 
 
 @pytest.mark.parametrize(
@@ -350,8 +380,9 @@ def test_max_image_pixels_is_configurable(make_app):
 )
 def test_a_body_that_is_not_multipart_is_refused(client, body, content_type):
     response = client.post(PREDICT, data=body, content_type=content_type)
-    assert response.status_code in (415, 422)
-    assert_error(response, response.status_code)
+    message = assert_error(response, 422)["message"]
+    sent = f"the request body is {content_type}, not multipart/form-data" if content_type else "the request has no body"
+    assert message.startswith(f"no image_file: {sent}; send each image as multipart field image_file"), message
 
 
 def test_unknown_paths_and_methods_are_json(client):

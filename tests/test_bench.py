@@ -1,7 +1,13 @@
 """The benchmark's wrk script sends requests the service accepts (``make bench`` itself is not a test)."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import requests
 import torchvision
@@ -24,7 +30,8 @@ from bench.run import (
     run_wrk,
     write_report,
 )
-from tests.support import run_gunicorn
+from config.settings import child_environment
+from tests.support import ROOT, run_gunicorn, running, stop
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +148,26 @@ def test_a_photos_only_run_rewrites_the_photos_report_and_keeps_the_rest(tmp_pat
     assert "new digits" in text and "second photos" in text
     assert text.index("new digits") < text.index("second photos") < text.index(END)
     assert text.startswith("# Benchmarks\n\nBy hand.\n\n" + BEGIN) and text.endswith(f"{END}\n\nAlso by hand.\n")
+
+
+def test_ctrl_c_stops_the_bench_with_one_line(tmp_path):
+    output = tmp_path / "BENCHMARKS.md"
+    command = [sys.executable, "-m", "bench.run", "--limit-duration", "60", "--output", str(output),
+               "--plot", str(tmp_path / "plot.png")]
+    # Its own process group, as make's in a terminal: Ctrl-C signals the whole group.
+    process = subprocess.Popen(command, cwd=ROOT, env=child_environment({"PYTHONUNBUFFERED": "1"}),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert process.stdout.readline().startswith("limit without HTTP")
+        deadline = time.monotonic() + 120
+        while len(psutil.Process(process.pid).children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+        time.sleep(3)  # the workers are measuring
+        os.killpg(process.pid, signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        stop(process)
+    assert process.returncode == 130, rest
+    assert rest.strip().splitlines() == ["make bench: interrupted; nothing written"], rest
+    assert running(workers) == [] and not output.exists()

@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import importlib.metadata
 import os
 import subprocess
 import threading
@@ -12,7 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+import yaml
 from mlflow import MlflowClient
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from config.settings import child_environment
 from service import create_app, demo, mlflow_store
@@ -143,7 +147,12 @@ def trained_run(tracking_url, tmp_path_factory):
     assert result.returncode == 0, result.stderr
     run_id = result.stdout.strip()
     assert len(run_id) == 32 and "\n" not in run_id, result.stdout  # stdout carries the run id alone
+    TRAIN_OUTPUT[run_id] = result.stderr
     return run_id
+
+
+# What ``flask model train`` printed on stderr, by run id.
+TRAIN_OUTPUT = {}
 
 
 def predict_over_http(url, pngs):
@@ -182,6 +191,37 @@ def test_training_logs_params_metrics_checkpoint_and_plots(tracking_url, trained
     assert {"model/model.pt", "confusion_matrix.png", "sample_predictions.png"} <= files
     version = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
     assert version.run_id == trained_run
+
+
+def test_the_logged_model_pins_only_versions_a_package_index_serves(tracking_url, trained_run, tmp_path):
+    client = MlflowClient(tracking_url)
+    (model,) = client.search_logged_models(
+        experiment_ids=[client.get_run(trained_run).info.experiment_id],
+        filter_string=f"source_run_id = '{trained_run}'",
+    )
+    folder = mlflow_store.download_logged_model(model.model_id, tmp_path, tracking_uri=tracking_url).path
+    environment = yaml.safe_load((folder / "python_env.yaml").read_text())
+    conda = yaml.safe_load((folder / "conda.yaml").read_text())
+    pip_lists = [
+        (folder / "requirements.txt").read_text().splitlines(),
+        [line for line in environment["dependencies"] if not line.startswith("-r")],
+        next(item["pip"] for item in conda["dependencies"] if isinstance(item, dict)),
+    ]
+    pins = {}
+    for line in (line.strip() for lines in pip_lists for line in lines):
+        if not line or line.startswith(("#", "-")):
+            continue
+        requirement = Requirement(line)
+        for spec in requirement.specifier:
+            version = Version(spec.version)
+            assert version.local is None, f"{line}: a local version label, which no package index serves"
+            if spec.operator == "==":
+                installed = Version(importlib.metadata.version(requirement.name)).public
+                assert str(version) == installed, f"{line}: installed here is {installed}"
+                pins[requirement.name] = str(version)
+    assert "torch" in pins, pip_lists
+    # MLflow warns of "mismatches between the model's dependencies and the current Python environment".
+    assert "mismatch" not in TRAIN_OUTPUT[trained_run].lower(), TRAIN_OUTPUT[trained_run]
 
 
 def test_download_by_run_id_then_gunicorn_predicts_as_in_process(tracking_url, trained_run, tmp_path):

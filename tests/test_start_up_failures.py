@@ -80,9 +80,40 @@ def test_the_demo_names_mlflow_port_when_its_tracking_port_is_taken():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: port {mlflow_port} on 127.0.0.1 is in use by another program, not an MLflow tracking server: "
-        f"stop it, or run the tracking server on another port with --mlflow-port {mlflow_port + 1}"
+        f"stop it, or run the tracking server on another port: MLFLOW_PORT={mlflow_port + 1} make serve "
+        f"(or --mlflow-port {mlflow_port + 1})"
     )
     assert "exited with" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_with_another_tracking_server_set_says_how_to_serve_from_it():
+    mlflow_port = free_port()
+    env = {
+        "PRED_MODEL_PATH": None, "PRED_MODEL_URI": None, "PORT": str(free_port()),
+        "MLFLOW_TRACKING_URI": "https://alice:s3cret@mlflow.example.com",
+    }
+    result = flask_model("serve", "--mlflow-port", str(mlflow_port), env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: MLFLOW_TRACKING_URI is https://mlflow.example.com and no model is configured: serve one from that "
+        "server with PRED_MODEL_URI=models:/<name>@<alias> make serve, or unset MLFLOW_TRACKING_URI for the local demo"
+    ]
+    assert not demo.port_in_use("127.0.0.1", mlflow_port), "no tracking server was started"
+
+
+@pytest.mark.parametrize(
+    ("configured", "port"),
+    [(None, 5000), ("http://127.0.0.1:5000", 5000), ("http://localhost:5000/", 5000), ("http://127.0.0.1:5001", 5001)],
+)
+def test_the_demo_takes_a_tracking_uri_naming_its_own_server(configured, port):
+    demo.check_tracking_uri(configured, "127.0.0.1", port)
+
+
+@pytest.mark.parametrize("configured", ["http://127.0.0.1:5001", "sqlite:///mlflow.db", "https://mlflow.example.com"])
+def test_the_demo_refuses_a_tracking_uri_naming_another(configured):
+    with pytest.raises(demo.DemoError, match="no model is configured"):
+        demo.check_tracking_uri(configured, "127.0.0.1", 5000)
 
 
 @pytest.mark.slow
@@ -92,7 +123,7 @@ def test_the_tracking_server_command_names_port_when_its_port_is_taken():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: port {port} on 127.0.0.1 is in use by another program, not an MLflow tracking server: "
-        f"stop it, or run the tracking server on another port with --port {port + 1}"
+        f"stop it, or run the tracking server on another port: MLFLOW_PORT={port + 1} make mlflow (or --port {port + 1})"
     )
 
 

@@ -8,6 +8,7 @@ from flask_smorest import Blueprint, abort
 
 from service import observability, security
 from service.api import MODEL_VERSION_HEADER, model_registry
+from service.http import UploadParser
 from service.images import ImageError, PixelBudget
 from service.registry import ModelLoadError, ModelNotReady
 from service.schemas import PredictQuerySchema, PredictResponseSchema, UploadSchema, VersionResponseSchema
@@ -26,6 +27,7 @@ MODEL_VERSION_HEADER_DOC = {
 }
 
 blp = Blueprint("model", __name__, url_prefix="/api/v1/model", description="Classify images with the served model.")
+blp.ARGUMENTS_PARSER = UploadParser()  # a request without image_file is told what it sent instead
 blp.before_request(security.require_api_key)
 
 
@@ -54,7 +56,8 @@ def predict(image_file, top_k=None):
     Send each image as a multipart field named `image_file` (repeat the field for several;
     at most MAX_FILES). All images go through one batched forward pass, and the predictions
     come back in upload order. Add `?top_k=N` for the N most probable labels of each image
-    (all of them when N is larger). Other form fields are ignored.
+    (all of them when N is larger). Other form fields are ignored. A request without
+    `image_file` gets a 422 whose message names the fields and files it did send.
     """
     app = current_app._get_current_object()  # one look-up of the proxy, not one per use
     config = app.config
