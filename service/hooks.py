@@ -2,22 +2,27 @@
 
 The model is loaded once in the master before it forks, so workers share its weights; what is not
 fork-safe (torch thread pools, CUDA, the warm-up pass) happens in each worker after the fork. A
-rollout happens in the master too, on SIGHUP (``kill -HUP``, or the alias watcher when the alias
-moves): the master checks the new version, then gunicorn forks new workers from it and retires the
-old ones gracefully, each finishing the request it has.
+rollout happens in the master too: the alias watcher, a thread of the master, fetches and checks a
+new version off gunicorn's main loop and sends SIGHUP only once it passed; on SIGHUP (the watcher's,
+or an operator's ``kill -HUP``, which looks at the source there and then) the master swaps it in,
+then gunicorn forks new workers from it and retires the old ones gracefully, each finishing the
+request it has. Nothing a model, a download, the tracking server or a check does reaches gunicorn's
+main loop as an exception.
 """
 
 import gc
+import logging
 import os
 import signal
 import sys
 
 import torch
 
-from config.settings import server_from_env
+from config.settings import Settings, server_from_env
 from service import observability
 from service.registry import EXTENSION, AliasWatcher, ModelLoadError, Outcome
 
+log = logging.getLogger(__name__)
 
 class EscapedOnUse(dict):
     """gunicorn's access-line atoms, each escaped as its ``SafeAtoms`` escapes them (``"`` in a
@@ -58,28 +63,44 @@ def on_starting(server):
     # OpenMP's thread team in the master, and a worker forked from it hangs in its first
     # multi-threaded forward pass. One thread here; each worker sets its own after the fork.
     torch.set_num_threads(1)
+    registry = registry_of(server)
     try:
-        registry_of(server).load()
+        registry.load()
     except ModelLoadError as exc:
         sys.exit(f"error: {one_line(exc)}")
+    registry.on_rollout = count_rollout
+    registry.share_rollouts()
+
+
+def count_rollout(rollout):
+    """The rollouts metric, by outcome (a staged candidate is counted when it is swapped in)."""
+    if rollout.outcome.value != "staged":
+        observability.record_rollout(rollout.outcome.value)
 
 
 def when_ready(server):
-    """In the master, listening: watch the model's alias, if it follows one and polling is on."""
+    """In the master, listening: watch the model's alias (if it follows one and polling is on), and
+    run again a parity check that could not run."""
     registry = registry_of(server)
-    if registry.source is None or not registry.source.follows or not registry.poll_seconds:
+    source = registry.source
+    follow = bool(source is not None and source.follows and registry.poll_seconds)
+    if not follow and not registry.verify_on_start:
         return None
     master = os.getpid()
-    watcher = AliasWatcher(registry, registry.poll_seconds, lambda: os.kill(master, signal.SIGHUP))
+    interval = registry.poll_seconds or Settings.PRED_MODEL_POLL_SECONDS
+    watcher = AliasWatcher(registry, interval, lambda: os.kill(master, signal.SIGHUP), follow=follow)
     watcher.start()
-    server.log.info("watching %s every %d s for a new version", registry.source.uri, registry.poll_seconds)
+    if follow:
+        server.log.info("watching %s every %d s for a new version", source.uri, interval)
     return watcher
 
 
 def on_reload(server):
     """In the master, on SIGHUP, before the new workers are forked: roll out a new version, if any."""
-    rollout = registry_of(server).refresh()
-    observability.record_rollout(rollout.outcome.value)
+    try:
+        registry_of(server).refresh()
+    except Exception:  # refresh turns every error into an outcome; this is the last guard of gunicorn's loop
+        log.exception("rollout: unexpected error; the served model stays")
     # The old model's objects were frozen before the last fork: unfreeze them so that whatever
     # a reference cycle still holds is collected now, not never.
     gc.unfreeze()
