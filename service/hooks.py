@@ -12,17 +12,55 @@ main loop as an exception.
 
 import gc
 import logging
+import multiprocessing
 import os
 import signal
 import sys
+import time
 
 import torch
 
 from config.settings import Settings, server_from_env
 from service import observability
-from service.registry import EXTENSION, AliasWatcher, ModelLoadError, Outcome
+from service.registry import EXTENSION, AliasWatcher, ModelLoadError
 
 log = logging.getLogger(__name__)
+
+# The exit code of a worker that failed to start after the server's first boot: gunicorn starts
+# another one (unlike WORKER_BOOT_ERROR, which stops the server).
+WORKER_RETRY_EXIT = 1
+# A worker that fails to start waits before it exits, longer each time in a row, up to this.
+WORKER_RETRY_MAX_SECONDS = 30
+
+
+class WorkerBoots:
+    """How workers started since the master did, shared by the master and its workers (made in
+    the master before the first fork): whether any worker ever became ready — until then a
+    failure stops start-up; after, a failing worker is started again — and the failures in a row."""
+
+    def __init__(self):
+        self._counts = multiprocessing.RawArray("q", 2)  # [workers ready so far, failures in a row]
+
+    @property
+    def first(self):
+        """True until a worker has started and become ready."""
+        return self._counts[0] == 0
+
+    @property
+    def ready(self):
+        """How many workers started and became ready."""
+        return self._counts[0]
+
+    def started(self):
+        """A worker became ready."""
+        self._counts[0] += 1
+        self._counts[1] = 0
+
+    def failed(self):
+        """A worker failed to start: the seconds it waits before it exits (doubling in a row)."""
+        self._counts[1] += 1
+        return min(WORKER_RETRY_MAX_SECONDS, 0.5 * 2 ** min(self._counts[1] - 1, 16))
+
 
 class EscapedOnUse(dict):
     """gunicorn's access-line atoms, each escaped as its ``SafeAtoms`` escapes them (``"`` in a
@@ -70,6 +108,7 @@ def on_starting(server):
         sys.exit(f"error: {one_line(exc)}")
     registry.on_rollout = count_rollout
     registry.share_rollouts()
+    server.worker_boots = WorkerBoots()
 
 
 def count_rollout(rollout):
@@ -116,20 +155,30 @@ def pre_fork(server, worker):
 
 
 def post_fork(server, worker):
-    """In each worker: access lines, torch threads, device, warm-up pass, model-info metric."""
+    """In each worker: access lines, torch threads, device, warm-up pass, model-info metric.
+
+    A worker that cannot warm the model up stops the server while none has ever started (one
+    line says why); after that, it waits (longer each time in a row) and exits with a code on
+    which gunicorn starts another, so that a respawn hours later never takes the server down.
+    """
     quicker_access_lines(worker.log)
     registry = registry_of(server)
     registry.after_fork()
+    boots = getattr(server, "worker_boots", None) or WorkerBoots()
     try:
         registry.prepare_worker(threads=server_from_env(workers=server.cfg.workers).torch_threads)
-    except ModelLoadError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        if registry.last_rollout is None or registry.last_rollout.outcome is not Outcome.SWAPPED:
+    except Exception as exc:
+        if not isinstance(exc, ModelLoadError):
+            log.exception("worker start-up failed")
+        if boots.first:
+            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
             # gunicorn's "worker failed to boot" code: the master stops rather than fork it again.
             sys.exit(server.WORKER_BOOT_ERROR)
-        # After a rollout the master must keep running (the old workers are gone): this worker
-        # stays up and unready, /health/ready says why, and moving the alias back recovers.
-        return
+        delay = boots.failed()
+        print(f"error: {one_line(exc)} (this worker exits in {delay:g} s; another is started)", file=sys.stderr, flush=True)
+        time.sleep(delay)
+        sys.exit(WORKER_RETRY_EXIT)
+    boots.started()
     info = registry.current.info
     observability.record_model(info.get("model_uuid"), info["sha256"], info["device"])
 
