@@ -196,5 +196,8 @@ def post_request(worker, req, environ, resp):
 
 
 def child_exit(server, worker):
-    """Drop a dead worker's live gauges from the merged metrics."""
-    observability.mark_process_dead(worker.pid, server.app.wsgi().config["PROMETHEUS_MULTIPROC_DIR"])
+    """Drop a dead worker's live gauges from the merged metrics, and fold its counts into the totals."""
+    try:
+        observability.mark_process_dead(worker.pid, server.app.wsgi().config["PROMETHEUS_MULTIPROC_DIR"])
+    except Exception:  # the metrics must never take the master down
+        log.exception("merging the metrics of worker %s failed", worker.pid)
