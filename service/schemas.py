@@ -104,4 +104,7 @@ class HealthSchema(ma.Schema):
     """A health probe's answer."""
 
     status = ma.fields.String(required=True, metadata={"description": "ok or unavailable"})
-    reason = ma.fields.String(metadata={"description": "Why the service is not ready."})
+    reason = ma.fields.String(metadata={"description": "Why the service is not ready, in a few words."})
+    detail = ma.fields.String(
+        metadata={"description": "The whole reason (paths, upstream errors); only to requests carrying the API key."}
+    )
