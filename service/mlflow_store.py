@@ -406,7 +406,7 @@ def download_run(
                     tracking_uri=tracking.uri,
                 )
         except Exception as exc:  # MlflowException, OSError, and whatever the artifact store's client raises
-            raise FetchError(f"downloading run {run_id} failed: {first_line(exc)}") from None
+            raise FetchError(f"downloading {artifact} of run {run_id} failed: {first_line(exc)}") from None
         try:
             classifier, metadata = _check_download(staging, files, artifact, allow_programs, max_size)
         except FetchError as exc:
