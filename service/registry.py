@@ -361,6 +361,7 @@ class ModelRegistry:
     def recheck(self):
         """Run the served version's parity check again; True when it ran (passed or failed)."""
         current = self.current
+        _guard_forks()
         with _TORCH_IN_MASTER:
             report = self._check_parity(current)
         return report is not None and report.ran
