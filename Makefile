@@ -52,6 +52,10 @@ test: install system-packages  ## check the import layers (.importlinter), then 
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+.PHONY: soak
+soak: install  ## 10 minutes of load while the alias moves every 30 s among good and bad versions (not in make test)
+	$(BIN)/python -m pytest -m soak -s tests/test_soak.py $(PYTEST_ARGS)
+
 .PHONY: bench
 BENCH_ARGS ?=
 bench: install  ## throughput and latency as deployed (gunicorn + wrk); writes BENCHMARKS.md

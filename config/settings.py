@@ -213,15 +213,55 @@ class ServerSettings:
     metrics_dir: str | None
 
 
+def cgroup_cpu_limit(proc_cgroup="/proc/self/cgroup", cgroup_root="/sys/fs/cgroup"):
+    """The CPUs this process's cgroup v2 quota (``cpu.max``) allows, rounded up; None without one.
+
+    A container limited to 2 CPUs on a 64-core host sees 64 in ``os.cpu_count()``: threads sized
+    from that are throttled by the quota. Every cgroup on the way up to the root counts.
+    """
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    relative = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if relative is None:
+        return None  # cgroup v1 only
+    limit = None
+    folder = Path(cgroup_root) / relative.strip().lstrip("/")
+    root = Path(cgroup_root)
+    while True:
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            if quota != "max" and int(period) > 0:
+                cpus = max(1, -(-int(quota) // int(period)))
+                limit = cpus if limit is None else min(limit, cpus)
+        except (OSError, ValueError):
+            pass
+        if folder == root or root not in folder.parents:
+            return limit
+        folder = folder.parent
+
+
+def available_cpus():
+    """The CPUs this process may really use: its CPU affinity, capped by its cgroup v2 quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
+
+
 def server_from_env(environ=None, cpu_count=None, workers=None):
-    """Read gunicorn's settings; torch threads default to cores / workers, at least one.
+    """Read gunicorn's settings; torch threads default to the CPUs the process may use (its
+    affinity and its cgroup's CPU quota) / workers, at least one.
 
     ``workers`` is the worker count gunicorn really runs, when known (a ``--workers`` flag in
     GUNICORN_CMD_ARGS wins over WEB_CONCURRENCY), so the default threads follow it.
     """
     environ = os.environ if environ is None else environ
     workers = workers or _positive_int(environ, "WEB_CONCURRENCY", 2)
-    cores = cpu_count or os.cpu_count() or 1
+    cores = cpu_count or available_cpus()
     port = _positive_int(environ, "PORT", 8080)
     if port > 65535:
         raise ConfigError(f"PORT: must be at most 65535, got {port}")

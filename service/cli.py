@@ -93,7 +93,7 @@ def download_command(run_id):
     try:
         path = mlflow_store.download_run(
             run_id, current_app.config["MODELS_DIR"], allow_programs=current_app.config["ALLOW_MODEL_PROGRAMS"],
-            code_modules=current_app.config["MODEL_CODE_MODULES"],
+            max_size=current_app.config["MAX_MODEL_FILE_SIZE"], code_modules=current_app.config["MODEL_CODE_MODULES"],
         )
     except mlflow_store.FetchError as exc:
         raise click.ClickException(str(exc)) from None
@@ -167,7 +167,7 @@ def verify_command(target, run_id):
         try:
             path = mlflow_store.download_run(
                 target, config["MODELS_DIR"], allow_programs=config["ALLOW_MODEL_PROGRAMS"],
-                code_modules=config["MODEL_CODE_MODULES"],
+                max_size=config["MAX_MODEL_FILE_SIZE"], code_modules=config["MODEL_CODE_MODULES"],
             )
         except mlflow_store.FetchError as exc:
             raise click.ClickException(str(exc)) from None

@@ -373,6 +373,31 @@ def read_bytes(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
     return data
 
 
+def file_sha256(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
+    """The SHA-256 :func:`read_model_file` gives the model at ``path``, without building the model:
+    what tells an unchanged version. A file is hashed in chunks, never held whole."""
+    if Path(path).is_dir():
+        return directory_sha256(read_directory(path, max_size))
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelFileError(f"{path} is not a regular file, expected a model file")
+    if info.st_size > max_size:
+        raise ModelFileError(f"{path} is {info.st_size} bytes, over the limit of {max_size} (MAX_MODEL_FILE_SIZE)")
+    digest = hashlib.sha256()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
+    return digest.hexdigest()
+
+
 def read_model_file(path, allow_programs=False, max_size=Settings.MAX_MODEL_FILE_SIZE, code_modules=()):
     """Read the model file, or MLflow model directory, at ``path`` into a :class:`ModelFile`;
     ModelFileError says why not. A directory's sha256 covers the names and contents of its files."""

@@ -2,21 +2,64 @@
 
 The model is loaded once in the master before it forks, so workers share its weights; what is not
 fork-safe (torch thread pools, CUDA, the warm-up pass) happens in each worker after the fork. A
-rollout happens in the master too, on SIGHUP (``kill -HUP``, or the alias watcher when the alias
-moves): the master checks the new version, then gunicorn forks new workers from it and retires the
-old ones gracefully, each finishing the request it has.
+rollout happens in the master too: the alias watcher, a thread of the master, fetches and checks a
+new version off gunicorn's main loop and sends SIGHUP only once it passed; on SIGHUP (the watcher's,
+or an operator's ``kill -HUP``, which looks at the source there and then) the master swaps it in,
+then gunicorn forks new workers from it and retires the old ones gracefully, each finishing the
+request it has. Nothing a model, a download, the tracking server or a check does reaches gunicorn's
+main loop as an exception.
 """
 
 import gc
+import logging
+import multiprocessing
 import os
 import signal
 import sys
+import time
 
 import torch
 
-from config.settings import server_from_env
+from config.settings import Settings, server_from_env
 from service import observability
-from service.registry import EXTENSION, AliasWatcher, ModelLoadError, Outcome
+from service.registry import EXTENSION, AliasWatcher, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# The exit code of a worker that failed to start after the server's first boot: gunicorn starts
+# another one (unlike WORKER_BOOT_ERROR, which stops the server).
+WORKER_RETRY_EXIT = 1
+# A worker that fails to start waits before it exits, longer each time in a row, up to this.
+WORKER_RETRY_MAX_SECONDS = 30
+
+
+class WorkerBoots:
+    """How workers started since the master did, shared by the master and its workers (made in
+    the master before the first fork): whether any worker ever became ready — until then a
+    failure stops start-up; after, a failing worker is started again — and the failures in a row."""
+
+    def __init__(self):
+        self._counts = multiprocessing.RawArray("q", 2)  # [workers ready so far, failures in a row]
+
+    @property
+    def first(self):
+        """True until a worker has started and become ready."""
+        return self._counts[0] == 0
+
+    @property
+    def ready(self):
+        """How many workers started and became ready."""
+        return self._counts[0]
+
+    def started(self):
+        """A worker became ready."""
+        self._counts[0] += 1
+        self._counts[1] = 0
+
+    def failed(self):
+        """A worker failed to start: the seconds it waits before it exits (doubling in a row)."""
+        self._counts[1] += 1
+        return min(WORKER_RETRY_MAX_SECONDS, 0.5 * 2 ** min(self._counts[1] - 1, 16))
 
 
 class EscapedOnUse(dict):
@@ -58,28 +101,45 @@ def on_starting(server):
     # OpenMP's thread team in the master, and a worker forked from it hangs in its first
     # multi-threaded forward pass. One thread here; each worker sets its own after the fork.
     torch.set_num_threads(1)
+    registry = registry_of(server)
     try:
-        registry_of(server).load()
+        registry.load()
     except ModelLoadError as exc:
         sys.exit(f"error: {one_line(exc)}")
+    registry.on_rollout = count_rollout
+    registry.share_rollouts()
+    server.worker_boots = WorkerBoots()
+
+
+def count_rollout(rollout):
+    """The rollouts metric, by outcome (a staged candidate is counted when it is swapped in)."""
+    if rollout.outcome.value != "staged":
+        observability.record_rollout(rollout.outcome.value)
 
 
 def when_ready(server):
-    """In the master, listening: watch the model's alias, if it follows one and polling is on."""
+    """In the master, listening: watch the model's alias (if it follows one and polling is on), and
+    run again a parity check that could not run."""
     registry = registry_of(server)
-    if registry.source is None or not registry.source.follows or not registry.poll_seconds:
+    source = registry.source
+    follow = bool(source is not None and source.follows and registry.poll_seconds)
+    if not follow and not registry.verify_on_start:
         return None
     master = os.getpid()
-    watcher = AliasWatcher(registry, registry.poll_seconds, lambda: os.kill(master, signal.SIGHUP))
+    interval = registry.poll_seconds or Settings.PRED_MODEL_POLL_SECONDS
+    watcher = AliasWatcher(registry, interval, lambda: os.kill(master, signal.SIGHUP), follow=follow)
     watcher.start()
-    server.log.info("watching %s every %d s for a new version", registry.source.uri, registry.poll_seconds)
+    if follow:
+        server.log.info("watching %s every %d s for a new version", source.uri, interval)
     return watcher
 
 
 def on_reload(server):
     """In the master, on SIGHUP, before the new workers are forked: roll out a new version, if any."""
-    rollout = registry_of(server).refresh()
-    observability.record_rollout(rollout.outcome.value)
+    try:
+        registry_of(server).refresh()
+    except Exception:  # refresh turns every error into an outcome; this is the last guard of gunicorn's loop
+        log.exception("rollout: unexpected error; the served model stays")
     # The old model's objects were frozen before the last fork: unfreeze them so that whatever
     # a reference cycle still holds is collected now, not never.
     gc.unfreeze()
@@ -95,20 +155,30 @@ def pre_fork(server, worker):
 
 
 def post_fork(server, worker):
-    """In each worker: access lines, torch threads, device, warm-up pass, model-info metric."""
+    """In each worker: access lines, torch threads, device, warm-up pass, model-info metric.
+
+    A worker that cannot warm the model up stops the server while none has ever started (one
+    line says why); after that, it waits (longer each time in a row) and exits with a code on
+    which gunicorn starts another, so that a respawn hours later never takes the server down.
+    """
     quicker_access_lines(worker.log)
     registry = registry_of(server)
     registry.after_fork()
+    boots = getattr(server, "worker_boots", None) or WorkerBoots()
     try:
         registry.prepare_worker(threads=server_from_env(workers=server.cfg.workers).torch_threads)
-    except ModelLoadError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        if registry.last_rollout is None or registry.last_rollout.outcome is not Outcome.SWAPPED:
+    except Exception as exc:
+        if not isinstance(exc, ModelLoadError):
+            log.exception("worker start-up failed")
+        if boots.first:
+            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
             # gunicorn's "worker failed to boot" code: the master stops rather than fork it again.
             sys.exit(server.WORKER_BOOT_ERROR)
-        # After a rollout the master must keep running (the old workers are gone): this worker
-        # stays up and unready, /health/ready says why, and moving the alias back recovers.
-        return
+        delay = boots.failed()
+        print(f"error: {one_line(exc)} (this worker exits in {delay:g} s; another is started)", file=sys.stderr, flush=True)
+        time.sleep(delay)
+        sys.exit(WORKER_RETRY_EXIT)
+    boots.started()
     info = registry.current.info
     observability.record_model(info.get("model_uuid"), info["sha256"], info["device"])
 
@@ -126,5 +196,8 @@ def post_request(worker, req, environ, resp):
 
 
 def child_exit(server, worker):
-    """Drop a dead worker's live gauges from the merged metrics."""
-    observability.mark_process_dead(worker.pid, server.app.wsgi().config["PROMETHEUS_MULTIPROC_DIR"])
+    """Drop a dead worker's live gauges from the merged metrics, and fold its counts into the totals."""
+    try:
+        observability.mark_process_dead(worker.pid, server.app.wsgi().config["PROMETHEUS_MULTIPROC_DIR"])
+    except Exception:  # the metrics must never take the master down
+        log.exception("merging the metrics of worker %s failed", worker.pid)

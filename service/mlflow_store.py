@@ -44,16 +44,27 @@ _AUTH_ERRORS = {"UNAUTHENTICATED": "refused the credentials", "PERMISSION_DENIED
 
 
 class FetchError(RuntimeError):
-    """A model cannot be fetched from MLflow; the message is one line for an operator."""
+    """A model cannot be fetched from MLflow; the message is one line for an operator.
+
+    ``permanent`` is True when asking again cannot help (the run, version or artifact does not
+    exist, the file is over MAX_MODEL_FILE_SIZE), False when it may (a server down, a transfer cut
+    off). ``version`` is the registered version it was fetched as, when it was fetched through one.
+    """
+
+    permanent = False
+    version = None
+
+    def __init__(self, message, permanent=None):
+        super().__init__(message)
+        if permanent is not None:
+            self.permanent = permanent
 
 
 class ModelRefused(FetchError):
-    """A model was fetched whole but cannot be served (not a model file, or a refused format).
+    """A model was found (and perhaps fetched whole) but cannot be served: not a model file, a
+    refused format, missing from its run, or over MAX_MODEL_FILE_SIZE."""
 
-    ``version`` is the registered version it was fetched as, when it was fetched through one.
-    """
-
-    version = None
+    permanent = True
 
 
 @dataclass(frozen=True)
@@ -184,7 +195,7 @@ def _failure(exc, tracking, subject):
     """Turn an MLflow error about ``subject`` into a one-line FetchError."""
     code = getattr(exc, "error_code", None)
     if code == "RESOURCE_DOES_NOT_EXIST":
-        return FetchError(f"{subject} not found on the MLflow tracking server at {tracking.shown}")
+        return FetchError(f"{subject} not found on the MLflow tracking server at {tracking.shown}", permanent=True)
     if code in _AUTH_ERRORS:
         return FetchError(f"the MLflow tracking server at {tracking.shown} {_AUTH_ERRORS[code]} ({subject})")
     return FetchError(f"{subject}: {first_line(exc)}")
@@ -265,8 +276,13 @@ def _check_inside(path, models_dir):
         raise FetchError(f"{path} leads outside {models_dir} (a symbolic link to {Path(path).resolve()}): not serving it")
 
 
-def _check_download(staging, files, artifact, allow_programs=False, code_modules=()):
-    """Raise FetchError unless every file arrived whole and the model loads as the service loads it."""
+def _check_download(
+    staging, files, artifact, allow_programs=False, max_size=settings.Settings.MAX_MODEL_FILE_SIZE, code_modules=()
+):
+    """Raise FetchError unless every file arrived whole and the model loads as the service loads it.
+
+    A file short or missing is a transfer cut off (worth another try); a model that does not load
+    is ModelRefused."""
     for path, size in files.items():
         local = staging / path
         if local.is_symlink():
@@ -276,7 +292,7 @@ def _check_download(staging, files, artifact, allow_programs=False, code_modules
         if size is not None and local.stat().st_size != size:
             raise FetchError(f"{path} is {local.stat().st_size} bytes after the download, expected {size}")
     try:
-        model = read_model_file(staging / artifact, allow_programs, code_modules=code_modules)
+        model = read_model_file(staging / artifact, allow_programs, max_size, code_modules)
         classifier, metadata = model.classifier, model.metadata
     except Exception as exc:  # read_model_file's ValueErrors, and whatever else torch raises for a broken file
         raise ModelRefused(f"{artifact} cannot be served: {first_line(exc)}") from None
@@ -314,18 +330,42 @@ def _install(staging, target, artifact):
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _own_files(files, artifact, folder):
+    """The files that make the model: ``artifact`` alone, or the MLflow model directory ``folder``
+    (with its ``MLmodel``); None when the run has neither."""
+    if artifact in files:
+        return {artifact: files[artifact]}
+    if f"{folder}/{MLMODEL}" in files:
+        return {path: size for path, size in files.items() if path.startswith(f"{folder}/")}
+    return None
+
+
+def _check_size(files, max_size, subject):
+    """Raise ModelRefused, before anything is downloaded, when the model's files are over ``max_size``."""
+    total = sum(size or 0 for size in files.values())
+    if total > max_size:
+        raise ModelRefused(
+            f"{subject} is {total} bytes, over the limit of {max_size} (MAX_MODEL_FILE_SIZE): not downloading it"
+        )
+    return total
+
+
 def download_run(
     run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None, tracking_uri=None, progress=True, allow_programs=False,
-    code_modules=(),
+    max_size=settings.Settings.MAX_MODEL_FILE_SIZE, code_modules=(),
 ):
-    """Download run ``run_id``'s artifacts into ``<models_dir>/<run_id>/`` and return the model file's path.
+    """Download the model of run ``run_id`` (``artifact``, or the MLflow model folder it is in) into
+    ``<models_dir>/<run_id>/`` and return the model file's path; the run's other artifacts stay on the server.
 
     A no-op (no server contact) when the model file is already there: only checked, complete
     downloads are ever renamed into place. Otherwise it uses ``tracking``, or connects to
     ``tracking_uri`` (default: MLflow's own). ``progress=False`` hides MLflow's progress bar, which
     is raw terminal output (for a server's log). A program (TorchScript) passes the check only with
-    ``allow_programs`` (ALLOW_MODEL_PROGRAMS) and ``code_modules`` (MODEL_CODE_MODULES). Raises FetchError, one line, for an unknown run,
-    an unreachable server, refused credentials, a run without ``artifact``, or a failed transfer.
+    ``allow_programs`` (ALLOW_MODEL_PROGRAMS), an own network with ``code_modules`` (MODEL_CODE_MODULES).
+    Raises FetchError, one line, for an unknown run,
+    an unreachable server, refused credentials, a run without ``artifact``, or a failed transfer;
+    ModelRefused (a FetchError) when the model is missing, over ``max_size`` (MAX_MODEL_FILE_SIZE,
+    checked on the listed sizes before the transfer) or does not load.
     """
     target_file = local_model_path(models_dir, run_id, artifact)
     target = Path(models_dir) / run_id
@@ -337,17 +377,25 @@ def download_run(
         return found
     tracking = tracking or connect(tracking_uri)
     get_run(tracking, run_id)
+    # Only the folder the model is in is listed: a run may hold gigabytes of other artifacts.
+    parent = artifact.rpartition("/")[0] or None
     try:
-        files = _list_files(tracking.client.list_artifacts, run_id)
+        listed_files = _list_files(tracking.client.list_artifacts, run_id, parent)
     except Exception as exc:
         raise _failure(exc, tracking, f"artifacts of run {run_id}") from None
+    files = _own_files(listed_files, artifact, folder)
+    if files is None:
+        if not listed_files and parent:  # say what the run has instead: its top level is enough
+            try:
+                listed_files = {info.path: None for info in tracking.client.list_artifacts(run_id)}
+            except Exception as exc:
+                raise _failure(exc, tracking, f"artifacts of run {run_id}") from None
+        listed = ", ".join(sorted(listed_files)[:8]) or "no artifacts at all"
+        raise ModelRefused(f"run {run_id} has no {artifact} artifact (it has {listed})")
     installed = artifact
-    if artifact not in files and f"{folder}/{MLMODEL}" in files:  # an MLflow model directory
+    if artifact not in files:  # an MLflow model directory
         artifact, target_file, installed = folder, target / folder, f"{folder}/{MLMODEL}"
-    elif artifact not in files:
-        listed = ", ".join(sorted(files)[:8]) or "no artifacts at all"
-        raise FetchError(f"run {run_id} has no {artifact} artifact (it has {listed})")
-    total = sum(size or 0 for size in files.values())
+    total = _check_size(files, max_size, f"the model of run {run_id} ({artifact})")
     with _staging(models_dir, run_id) as staging:
         log.info(
             "downloading run %s from %s: %d file(s), %s, into %s",
@@ -355,11 +403,15 @@ def download_run(
         )
         try:
             with _artifacts_progress_bar(progress):
-                mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(staging), tracking_uri=tracking.uri)
+                # MLflow puts the last part of the path in dst_path: the file, or the model's folder.
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=artifact, dst_path=str(staging / artifact.rpartition("/")[0]),
+                    tracking_uri=tracking.uri,
+                )
         except Exception as exc:  # MlflowException, OSError, and whatever the artifact store's client raises
-            raise FetchError(f"downloading run {run_id} failed: {first_line(exc)}") from None
+            raise FetchError(f"downloading {artifact} of run {run_id} failed: {first_line(exc)}") from None
         try:
-            classifier, metadata = _check_download(staging, files, artifact, allow_programs, code_modules)
+            classifier, metadata = _check_download(staging, files, artifact, allow_programs, max_size, code_modules)
         except FetchError as exc:
             raise type(exc)(f"run {run_id}: {exc}") from None
         try:
@@ -431,7 +483,10 @@ def alias_version(uri, tracking_uri=None):
     return str(_registered_version(tracking, uri, name, alias, number).version)
 
 
-def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False, code_modules=()):
+def fetch_model_uri(
+    uri, models_dir, tracking_uri=None, allow_programs=False, max_size=settings.Settings.MAX_MODEL_FILE_SIZE,
+    code_modules=(),
+):
     """Fetch the model a ``runs:/`` or ``models:/`` URI names into ``<models_dir>/<run_id>/`` (once).
 
     ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` are resolved to their run on the
@@ -443,12 +498,13 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False, co
     if kind == "runs":
         path = download_run(
             name, models_dir, detail, tracking_uri=tracking_uri, progress=False, allow_programs=allow_programs,
-            code_modules=code_modules,
+            max_size=max_size, code_modules=code_modules,
         )
         return FetchedModel(path, name)
     if kind == "logged":
         return download_logged_model(
-            name, models_dir, tracking_uri=tracking_uri, allow_programs=allow_programs, code_modules=code_modules
+            name, models_dir, tracking_uri=tracking_uri, allow_programs=allow_programs, max_size=max_size,
+            code_modules=code_modules,
         )
     alias, number = detail
     tracking = connect(tracking_uri)
@@ -458,21 +514,24 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False, co
         # MLflow 3: the version is a logged model (mlflow.<flavor>.log_model), not a run's artifact.
         try:
             fetched = download_logged_model(
-                logged_id, models_dir, tracking, allow_programs=allow_programs, code_modules=code_modules
+                logged_id, models_dir, tracking, allow_programs=allow_programs, max_size=max_size,
+                code_modules=code_modules,
             )
-        except ModelRefused as exc:
+        except FetchError as exc:
             exc.version = str(version.version)
             raise
         log.info("%s is version %s of %s, logged model %s", uri, version.version, name, logged_id)
         return FetchedModel(fetched.path, fetched.run_id, name, str(version.version))
     if not version.run_id:
-        raise FetchError(f"{uri}: version {version.version} of {name} has no run to fetch the model from")
+        refused = ModelRefused(f"{uri}: version {version.version} of {name} has no run to fetch the model from")
+        refused.version = str(version.version)
+        raise refused
     try:
         path = download_run(
             version.run_id, models_dir, _artifact_of_version(tracking, version), tracking, progress=False,
-            allow_programs=allow_programs, code_modules=code_modules,
+            allow_programs=allow_programs, max_size=max_size, code_modules=code_modules,
         )
-    except ModelRefused as exc:
+    except FetchError as exc:
         exc.version = str(version.version)
         raise
     log.info("%s is version %s of %s, from run %s", uri, version.version, name, version.run_id)
@@ -480,7 +539,8 @@ def fetch_model_uri(uri, models_dir, tracking_uri=None, allow_programs=False, co
 
 
 def download_logged_model(
-    model_id, models_dir, tracking=None, tracking_uri=None, allow_programs=False, code_modules=()
+    model_id, models_dir, tracking=None, tracking_uri=None, allow_programs=False,
+    max_size=settings.Settings.MAX_MODEL_FILE_SIZE, code_modules=(),
 ):
     """Download MLflow 3 logged model ``model_id`` (``models:/m-...``) into ``<models_dir>/<model_id>/``.
 
@@ -507,11 +567,12 @@ def download_logged_model(
         raise _failure(exc, tracking, f"artifacts of logged model {model_id}") from None
     if MLMODEL not in files:
         listed = ", ".join(sorted(files)[:8]) or "no artifacts at all"
-        raise FetchError(f"logged model {model_id} has no {MLMODEL} (it has {listed})")
+        raise ModelRefused(f"logged model {model_id} has no {MLMODEL} (it has {listed})")
+    total = _check_size(files, max_size, f"logged model {model_id}")
     with _staging(models_dir, model_id) as staging:
         log.info(
             "downloading logged model %s from %s: %d file(s), %s, into %s",
-            model_id, tracking.shown, len(files), _size(sum(size or 0 for size in files.values())), target,
+            model_id, tracking.shown, len(files), _size(total), target,
         )
         try:
             with _artifacts_progress_bar(False):
@@ -522,7 +583,7 @@ def download_logged_model(
         except Exception as exc:
             raise FetchError(f"downloading logged model {model_id} failed: {first_line(exc)}") from None
         try:
-            classifier, metadata = _check_download(downloaded, files, ".", allow_programs, code_modules)
+            classifier, metadata = _check_download(downloaded, files, ".", allow_programs, max_size, code_modules)
         except FetchError as exc:
             raise type(exc)(f"logged model {model_id}: {exc}") from None
         try:

@@ -2,6 +2,7 @@
 
 import contextvars
 import logging
+import os
 import re
 import time
 import uuid
@@ -9,6 +10,7 @@ import uuid
 from flask import g, has_request_context, request
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.mmap_dict import MmapedDict
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A caller's id is kept only when it is short and plain, so it is safe in logs and headers.
@@ -137,10 +139,34 @@ def record_rollout(result):
     ROLLOUTS.labels(result).inc()
 
 
+# The file-name part that stands for a pid in the files holding the counts of dead workers.
+DEAD_WORKERS = "dead"
+_SUMMED_KINDS = ("counter", "histogram", "summary")
+
+
 def mark_process_dead(pid, multiprocess_dir):
-    """Drop a dead worker's live gauges from the merged metrics (multiprocess mode only)."""
-    if multiprocess_dir:
-        multiprocess.mark_process_dead(pid, multiprocess_dir)
+    """Drop a dead worker's live gauges from the merged metrics, and fold its counters,
+    histograms and summaries into one file per kind (multiprocess mode only).
+
+    Each worker leaves a file per kind; gunicorn replaces workers every GUNICORN_MAX_REQUESTS
+    requests, and every scrape reads every file: merged, the files stay as many as the live
+    workers (plus one per kind), and so does the scrape's time.
+    """
+    if not multiprocess_dir:
+        return
+    multiprocess.mark_process_dead(pid, multiprocess_dir)
+    for kind in _SUMMED_KINDS:
+        dead = os.path.join(multiprocess_dir, f"{kind}_{pid}.db")
+        if not os.path.exists(dead):
+            continue
+        totals = MmapedDict(os.path.join(multiprocess_dir, f"{kind}_{DEAD_WORKERS}.db"))
+        try:
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):
+                total, _ = totals.read_value(key)
+                totals.write_value(key, total + value, timestamp)
+        finally:
+            totals.close()
+        os.unlink(dead)
 
 
 def record_predictions(labels, batch_size, seconds):

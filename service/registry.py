@@ -7,20 +7,36 @@ model source (:mod:`service.sources`). Its states:
 - ``loaded``: the model is read and checked on the CPU in this process, but not warmed up here
   (under gunicorn: the master, which loads before it forks and never serves);
 - ``ready``: moved to its device, warmed up and checked here: it serves;
+- ``unchecked``: warmed up, but its parity check (``VERIFY_MODEL_ON_START``) could not run yet
+  (the tracking server could not be reached): it does not serve until the check runs and passes;
 - ``failed``: loaded, but its warm-up or parity check failed here: it does not serve.
 
-:meth:`ModelRegistry.refresh` is a rollout: it looks at the source, and a new version (an alias
-moved, a file's content changed) becomes a *candidate*, checked on the CPU (safe load, warm-up
-pass, labels against the network's output, the parity check with ``VERIFY_MODEL_ON_START``)
-before it replaces the served one. A candidate that fails is *refused*: the served model stays,
-and :attr:`ModelRegistry.last_rollout` says which version was refused and why. Each request takes
-one :class:`ServedVersion` and uses it to the end, so a swap never mixes two models in one answer.
+A rollout looks at the source; a new version (an alias moved, a file's content changed) becomes a
+*candidate*, checked on the CPU (safe load, warm-up pass, labels against the network's output, the
+parity check) before it replaces the served one. Each look ends in an :class:`Outcome`:
+
+- a version that cannot be served (no model in its run, not a model file, over
+  MAX_MODEL_FILE_SIZE, a failed check, an unexpected error) is *refused* once: the served model
+  stays, the version and the reason are recorded, and it is not tried again;
+- a look that could not be made (tracking server down, transfer cut off, a check that could not
+  run) *failed*: nothing changes and it is tried again later, with a growing delay;
+- an unchanged version costs a hash of its file, not a load.
+
+Under gunicorn, :class:`AliasWatcher` does the fetch and the checks in the master off its main
+loop (:meth:`ModelRegistry.stage`) and asks for the reload only once a checked candidate is in
+memory; the reload (:meth:`ModelRegistry.refresh`) then only swaps it in. Each request takes one
+:class:`ServedVersion` and uses it to the end, so a swap never mixes two models in one answer.
 """
 
 import enum
+import json
 import logging
+import multiprocessing
+import os
 import threading
 import time
+from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -29,7 +45,7 @@ import torch
 from config.settings import Settings
 from service import verify
 from service.devices import select_device
-from service.formats import ModelFileError, error_detail, read_model_file
+from service.formats import ModelFileError, error_detail, file_sha256, read_model_file
 from service.inference import Classifier
 from service.sources import SourceError, from_config
 
@@ -37,6 +53,10 @@ log = logging.getLogger(__name__)
 
 # Where an app keeps its registry: ``app.extensions[EXTENSION]``.
 EXTENSION = "model_registry"
+# After a look that could not be made, the next one waits twice as long each time, up to this.
+RETRY_MAX_SECONDS = 300
+# How many refused versions are remembered (each is never tried again by the watcher).
+REFUSED_KEPT = 256
 
 
 class ModelLoadError(ValueError):
@@ -53,6 +73,7 @@ class State(str, enum.Enum):
     EMPTY = "empty"
     LOADED = "loaded"
     READY = "ready"
+    UNCHECKED = "unchecked"
     FAILED = "failed"
 
 
@@ -62,11 +83,17 @@ class Outcome(str, enum.Enum):
     SWAPPED = "swapped"
     REFUSED = "refused"
     UNCHANGED = "unchanged"
-    FAILED = "failed"  # the source could not be read (server down...): nothing changed
+    FAILED = "failed"  # the source could not be read, or a check could not run: tried again later
+    STAGED = "staged"  # checked and waiting for the reload that swaps it in
 
 
 def _now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def retry_delay(failures, interval):
+    """Seconds before the next look after ``failures`` looks in a row could not be made."""
+    return min(RETRY_MAX_SECONDS, max(1, interval) * 2 ** min(failures, 16))
 
 
 @dataclass(frozen=True)
@@ -97,6 +124,51 @@ class Rollout:
         return {"result": self.outcome.value, "version": self.version, "reason": self.reason, "at": self.at}
 
 
+class SharedRecord:
+    """A small JSON value the gunicorn master writes and its workers read, in shared memory made
+    before the first fork: workers forked earlier see the master's later rollouts."""
+
+    SIZE = 8192
+
+    def __init__(self):
+        self._buffer = multiprocessing.Array("c", self.SIZE)
+
+    def set(self, value):
+        """Store ``value`` (JSON-able; cut to fit)."""
+        data = json.dumps(value).encode()
+        if len(data) >= self.SIZE:
+            value = {**value, "reason": (value.get("reason") or "")[: self.SIZE // 4]}
+            data = json.dumps(value).encode()[: self.SIZE - 1]
+        with self._buffer.get_lock():
+            self._buffer.value = data
+
+    def get(self):
+        """The stored value, or None."""
+        with self._buffer.get_lock():
+            data = self._buffer.value
+        try:
+            return json.loads(data) if data else None
+        except ValueError:
+            return None
+
+
+# Held while the alias watcher runs torch in the master (loading and checking a candidate), and
+# taken by every fork: a worker is never forked from a master in the middle of torch code.
+_TORCH_IN_MASTER = threading.Lock()
+_fork_guard_installed = False
+
+
+def _guard_forks():
+    global _fork_guard_installed
+    if not _fork_guard_installed:
+        os.register_at_fork(
+            before=_TORCH_IN_MASTER.acquire,
+            after_in_parent=_TORCH_IN_MASTER.release,
+            after_in_child=_TORCH_IN_MASTER.release,
+        )
+        _fork_guard_installed = True
+
+
 class ModelRegistry:
     """The served model of one app: load, prepare, serve, and swap or refuse new versions."""
 
@@ -113,13 +185,19 @@ class ModelRegistry:
         self.poll_seconds = poll_seconds
         self.state = State.EMPTY
         self.current = None
-        self.problem = "no model loaded yet"
+        self.problem = "no model loaded yet"  # the whole story, for logs and holders of the API key
+        self.reason = "no model loaded yet"  # a few words, for anyone
         self.last_rollout = None
         self.threads = None
-        # A rollout in progress, and how many have finished: the alias watcher reads both, so that
-        # it never asks again for a rollout that is under way.
-        self.rolling_out = False
-        self.rollouts_done = 0
+        # A checked candidate the watcher staged, waiting for the reload that swaps it in.
+        self.staged = None
+        # Versions refused, with why: the watcher never tries them again.
+        self.refused = OrderedDict()
+        # The parity check's report of each version (by SHA-256), run once in the process that loads.
+        self.parity = {}
+        # Called with each Rollout recorded (the rollouts metric); the shared copy for workers.
+        self.on_rollout = None
+        self.shared = None
         self._lock = threading.RLock()
 
     @classmethod
@@ -150,9 +228,12 @@ class ModelRegistry:
 
     def describe(self, served):
         """``served``'s identity with the outcome of the last rollout, as ``/api/v1/model/version`` shows it."""
-        if self.last_rollout is None:
+        rollout = self.shared.get() if self.shared is not None else None
+        if rollout is None and self.last_rollout is not None:
+            rollout = self.last_rollout.as_dict()
+        if rollout is None:
             return served.info
-        return {**served.info, "rollout": self.last_rollout.as_dict()}
+        return {**served.info, "rollout": rollout}
 
     def get(self):
         """Return the :class:`ServedVersion` to answer one request with, preparing it here if need be.
@@ -170,21 +251,25 @@ class ModelRegistry:
     # -- state changes ------------------------------------------------------------------------
 
     def load(self):
-        """empty -> loaded: read the configured model on the CPU; raise ModelLoadError naming the setting."""
+        """empty -> loaded: read the configured model on the CPU, and run its parity check with
+        VERIFY_MODEL_ON_START (once, here: a gunicorn master hands the result to its workers);
+        raise ModelLoadError naming the setting."""
         with self._lock:
             if self.current is None:
                 try:
-                    self.current = self._read()
+                    current = self._read()
                 except ModelLoadError as exc:
-                    self.problem = str(exc)  # what /health/ready reports
+                    self.problem, self.reason = str(exc), "the configured model cannot be loaded"
                     raise
+                self._check_parity(current)
+                self.current = current
                 self.state = State.LOADED
-                self.problem = "the model is loaded but this worker has not warmed it up yet"
+                self.problem = self.reason = "the model is loaded but this worker has not warmed it up yet"
             return self.current
 
     def prepare_worker(self, threads=None):
-        """loaded -> ready (or failed): in a serving process, set torch threads, move the model to
-        its device and warm it up, then run the parity check if asked for.
+        """loaded -> ready (or unchecked, or failed): in a serving process, set torch threads, move
+        the model to its device and warm it up; the parity check's result is the loading process's.
 
         Raises ModelLoadError when the model cannot be loaded or the warm-up fails.
         """
@@ -201,49 +286,44 @@ class ModelRegistry:
         """In a process just forked from one whose other threads may have held the lock: a fresh lock."""
         self._lock = threading.RLock()
 
+    def share_rollouts(self):
+        """In a gunicorn master, before it forks: let the workers see the rollouts recorded later."""
+        self.shared = SharedRecord()
+        if self.last_rollout is not None:
+            self.shared.set(self.last_rollout.as_dict())
+
     def refresh(self):
-        """A rollout: look at the source and serve a new version if there is one and it passes its checks.
+        """A rollout on reload: swap in the candidate the watcher staged, else look at the source
+        now and serve a new version if there is one and it passes its checks. Once a model is
+        served it never raises: every error is an outcome.
 
         Returns the :class:`Rollout`. In a process that serves (``ready``), the new version is
         prepared here before it is swapped in; elsewhere (the gunicorn master) it stays ``loaded``
         for the workers forked next to prepare.
         """
         with self._lock:
-            self.rolling_out = True
-            try:
-                return self._refresh()
-            finally:
-                self.rolling_out = False
-                self.rollouts_done += 1
+            if self.current is None:
+                self.load()
+                return self._record(Rollout(Outcome.SWAPPED, self.current.version))
+            staged, self.staged = self.staged, None
+            if staged is None:
+                staged, rollout = self._look()
+                if staged is None:
+                    return rollout
+            return self._swap(staged)
 
-    def _refresh(self):
-        if self.current is None:
-            self.load()
-            return self._record(Rollout(Outcome.SWAPPED, self.current.version))
-        try:
-            located = self.source.locate()
-        except SourceError as exc:
-            if exc.refused:
-                log.error("rollout: refused %s, still serving %s: %s", exc.version, self.current.version, exc)
-                return self._record(Rollout(Outcome.REFUSED, exc.version, str(exc)))
-            log.error("rollout: cannot look at the model source, still serving %s: %s", self.current.version, exc)
-            return self._record(Rollout(Outcome.FAILED, None, str(exc)))
-        try:
-            candidate = self._read_located(located)
-        except ModelFileError as exc:
-            version = located.provenance.get("model_version") or located.provenance.get("model_uuid")
-            log.error("rollout: refused %s, still serving %s: %s", version, self.current.version, exc)
-            return self._record(Rollout(Outcome.REFUSED, version, f"{self.source.setting}: {exc}"))
-        if candidate.info["sha256"] == self.current.info["sha256"] and candidate.version == self.current.version:
-            log.info("rollout: %s is still the model to serve", self.current.version)
-            return Rollout(Outcome.UNCHANGED, candidate.version)
-        problem = self.check(candidate)
-        if problem:
-            log.error(
-                "rollout: refused %s, still serving %s: %s", candidate.version, self.current.version, problem
-            )
-            return self._record(Rollout(Outcome.REFUSED, candidate.version, problem))
-        return self._record(self._swap(candidate))
+    def stage(self, pointed=None):
+        """Fetch and check the version the source points at (``pointed``, as :meth:`pending_version`
+        gave it) without swapping it in: the alias watcher's work, off the master's main loop.
+        Returns a Rollout whose outcome is ``staged`` when a checked candidate waits in
+        :attr:`staged` for the reload. Never raises."""
+        candidate, rollout = self._look(pointed, guard=True)
+        if candidate is None:
+            return rollout
+        with self._lock:
+            self.staged = candidate
+        log.info("rollout: %s is fetched and checked: reloading the workers to serve it", candidate.version)
+        return Rollout(Outcome.STAGED, candidate.version)
 
     def check(self, candidate):
         """Why ``candidate`` must not serve (None when it may): a warm-up pass on the CPU that also
@@ -257,24 +337,93 @@ class ModelRegistry:
                 f"({error_detail(exc)})"
             )
         log.info("rollout: %s passed its warm-up pass in %.1f ms", candidate.version, (time.perf_counter() - started) * 1000)
-        return self._parity_problem(candidate)
+        report = self._check_parity(candidate)
+        return None if report is None or report.ok else f"parity check failed: {report.summary}"
 
     def pending_version(self):
-        """The version the source points at when it differs from the served one and was not
-        refused already; else None. Asks the source (one request for an alias), nothing more."""
-        try:
-            pointed = self.source.peek() if self.source is not None else None
-        except SourceError as exc:
-            log.warning("cannot look for a new model: %s", exc)
+        """The version the source points at when it differs from the served one and was neither
+        refused nor staged already; else None. Asks the source (one request for an alias), nothing
+        more; raises SourceError when the source cannot say."""
+        pointed = self.source.peek() if self.source is not None else None
+        current, staged = self.current, self.staged
+        if pointed is None or current is None or pointed == current.version or pointed in self.refused:
             return None
-        current, last = self.current, self.last_rollout
-        if pointed is None or current is None or pointed == current.version:
-            return None
-        if last is not None and last.outcome is Outcome.REFUSED and last.version == pointed:
+        if staged is not None and staged.version == pointed:
             return None
         return pointed
 
+    def unchecked(self):
+        """True when the served version's parity check could not run and should be tried again."""
+        current = self.current
+        if not self.verify_on_start or current is None:
+            return False
+        report = self.parity.get(current.info["sha256"])
+        return report is not None and not report.ran
+
+    def recheck(self):
+        """Run the served version's parity check again; True when it ran (passed or failed)."""
+        current = self.current
+        _guard_forks()
+        with _TORCH_IN_MASTER:
+            report = self._check_parity(current)
+        return report is not None and report.ran
+
     # -- internals ----------------------------------------------------------------------------
+
+    def _look(self, pointed=None, guard=False):
+        """Locate, hash, read and check the source's model: (candidate, None) for a new version
+        that passed, else (None, Rollout) saying what happened. Every error becomes an outcome."""
+        version = pointed
+        try:
+            located = self.source.locate()
+            version = located.provenance.get("model_version") or located.provenance.get("model_uuid") or version
+            sha256 = file_sha256(located.path, self.max_file_size)
+            current = self.current
+            if sha256 == current.info["sha256"] and (version is None or version == current.version):
+                log.info("rollout: %s is still the model to serve", current.version)
+                return None, self._count(Rollout(Outcome.UNCHANGED, current.version))
+            if guard:
+                _guard_forks()
+            with _TORCH_IN_MASTER if guard else nullcontext():
+                candidate = self._read_located(located)
+                version = candidate.version
+                problem = self.check(candidate)
+        except SourceError as exc:
+            if exc.refused:
+                return None, self._refuse(exc.version or version or self._pointed(), str(exc))
+            return None, self._could_not(exc.version or version or self._pointed(), str(exc))
+        except ModelFileError as exc:
+            return None, self._refuse(version or self._pointed(), f"{self.source.setting}: {exc}")
+        except Exception as exc:  # a bug, MemoryError, a PermissionError from a library: never the server's end
+            log.exception("rollout: unexpected error while looking at %s", version or "the model source")
+            return None, self._refuse(version or self._pointed(), f"unexpected error: {error_detail(exc)}")
+        report = self.parity.get(candidate.info["sha256"])
+        if report is not None and not report.ran:
+            return None, self._could_not(version, f"parity check could not run: {report.summary}")
+        if problem:
+            return None, self._refuse(version, problem)
+        return candidate, None
+
+    def _pointed(self):
+        """The version the source points at, to name one that could not be located; None if unknown."""
+        try:
+            return self.source.peek()
+        except Exception:  # naming it is a courtesy: the outcome stands without it
+            return None
+
+    def _refuse(self, version, reason):
+        current = self.current.version if self.current is not None else None
+        log.error("rollout: refused %s, still serving %s: %s", version, current, reason)
+        if version is not None:
+            self.refused[version] = reason
+            while len(self.refused) > REFUSED_KEPT:
+                self.refused.popitem(last=False)
+        return self._record(Rollout(Outcome.REFUSED, version, reason))
+
+    def _could_not(self, version, reason):
+        current = self.current.version if self.current is not None else None
+        log.warning("rollout: cannot fetch or check %s for now, still serving %s: %s", version or "a new version", current, reason)
+        return self._record(Rollout(Outcome.FAILED, version, reason))
 
     def _read(self):
         """Locate and read the source's model on the CPU into a new :class:`ServedVersion`."""
@@ -311,8 +460,9 @@ class ModelRegistry:
         )
         return ServedVersion(model.classifier, info)
 
-    def _prepare(self, served, parity=True):
-        """Move ``served`` to its device, warm it up and check it; the registry becomes ready or failed."""
+    def _prepare(self, served):
+        """Move ``served`` to its device and warm it up; with its parity result, the registry
+        becomes ready, unchecked or failed."""
         device, why, fell_back = select_device(self.use_cuda, self.use_mps)
         (log.warning if fell_back else log.info)(
             "serving on %s: %s; %d torch thread(s)", device, why, torch.get_num_threads()
@@ -327,83 +477,128 @@ class ModelRegistry:
         except Exception as exc:
             # e.g. metadata giving an input size the network does not take, or a device out of memory
             self.state = State.FAILED
+            self.reason = f"the warm-up forward pass failed on {device.type}"
             self.problem = (
                 f"{self.source.setting}: {served.info.get('model_path')}: the warm-up forward pass on a "
                 f"{list(classifier.input_spec.shape)} input on {device} failed ({error_detail(exc)})"
             )
             raise ModelLoadError(self.problem) from None
         log.info("warm-up forward pass took %.1f ms", (time.perf_counter() - started) * 1000)
-        problem = self._parity_problem(served) if parity else None
-        self.state, self.problem = (State.FAILED, problem) if problem else (State.READY, None)
+        report = self.parity.get(served.info["sha256"]) if self.verify_on_start else None
+        if report is None or report.ok:
+            self.state, self.problem, self.reason = State.READY, None, None
+        elif not report.ran:
+            self.state, self.reason = State.UNCHECKED, "the parity check could not run yet"
+            self.problem = f"parity check could not run (it is tried again): {report.summary}"
+        else:
+            self.state, self.reason = State.FAILED, "the parity check failed"
+            self.problem = f"parity check failed: {report.summary}"
 
-    def _parity_problem(self, served):
-        """With VERIFY_MODEL_ON_START, why the model fails its parity check (None if it passes)."""
+    def _check_parity(self, served):
+        """With VERIFY_MODEL_ON_START, run ``served``'s parity check, keep and return its report."""
         if not self.verify_on_start:
             return None
         try:
             report = verify.verify_classifier(served.classifier, served.info.get("model_uuid"))
-        except Exception as exc:  # a check that cannot run has not passed
-            log.exception("parity check could not run")
-            return f"parity check could not run: {error_detail(exc)}"
+        except Exception as exc:  # a check that crashes has not passed
+            log.exception("parity check of %s could not run", served.version)
+            report = verify.VerifyReport(False, f"the check itself failed: {error_detail(exc)}")
         if report.ok:
             log.info("parity check passed: %s", report.summary)
-            return None
-        log.error("parity check failed: %s", report.summary)
-        return f"parity check failed: {report.summary}"
+        elif report.ran:
+            log.error("parity check failed: %s", report.summary)
+        else:
+            log.warning("parity check could not run (it will be tried again): %s", report.summary)
+        self.parity[served.info["sha256"]] = report
+        return report
 
     def _swap(self, candidate):
         """Serve ``candidate`` from now on; the old version is released once no request holds it."""
         previous, serving = self.current, self.state is State.READY
         if serving:
+            state = (self.state, self.problem, self.reason)
             try:
-                self._prepare(candidate, parity=False)  # check() ran it already
+                self._prepare(candidate)
             except ModelLoadError as exc:
-                self.state, self.problem = State.READY, None  # the served model is untouched
-                return Rollout(Outcome.REFUSED, candidate.version, str(exc))
+                self.state, self.problem, self.reason = state  # the served model is untouched
+                return self._refuse(candidate.version, str(exc))
             if self.state is not State.READY:
-                problem, self.state, self.problem = self.problem, State.READY, None
-                return Rollout(Outcome.REFUSED, candidate.version, problem)
+                problem = self.problem
+                self.state, self.problem, self.reason = state
+                return self._refuse(candidate.version, problem)
         self.current = candidate
         log.info("rollout: now serving %s (was %s)", candidate.version, previous.version)
-        return Rollout(Outcome.SWAPPED, candidate.version)
+        return self._record(Rollout(Outcome.SWAPPED, candidate.version))
+
+    def _count(self, rollout):
+        if self.on_rollout is not None:
+            try:
+                self.on_rollout(rollout)
+            except Exception:  # a metric must never stop a rollout
+                log.exception("counting a rollout failed")
+        return rollout
 
     def _record(self, rollout):
         self.last_rollout = rollout
-        return rollout
+        if self.shared is not None:
+            self.shared.set(rollout.as_dict())
+        return self._count(rollout)
 
 
 class AliasWatcher(threading.Thread):
-    """Every ``interval`` seconds, ask the registry's source where its alias points; call ``notify``
-    when it points at a version that is neither served nor already refused.
+    """In the gunicorn master, off its main loop: every ``interval`` seconds, ask where the model's
+    alias points (``follow``); fetch and check a new version (:meth:`ModelRegistry.stage`) and call
+    ``notify`` (SIGHUP to the master) only once it passed, so that the reload just swaps it in.
 
-    Under gunicorn it runs in the master, and ``notify`` sends the master SIGHUP: the rollout
-    itself (fetch, checks, swap) then happens in the master's main thread, where nothing forks
-    at the same time. It only makes requests to the tracking server; it never touches torch.
+    A refused version is not tried again; a look that could not be made is tried again after a
+    delay that doubles each time (up to RETRY_MAX_SECONDS). A parity check that could not run is
+    run again in the same way, and ``notify`` called once it ran, so the workers learn its result.
     """
 
-    def __init__(self, registry, interval, notify):
+    def __init__(self, registry, interval, notify, follow=True):
         super().__init__(name="model-alias-watcher", daemon=True)
-        self.registry, self.interval, self.notify = registry, interval, notify
+        self.registry, self.interval, self.notify, self.follow = registry, interval, notify, follow
+        self.failures = 0
         self._stopped = threading.Event()
 
     def run(self):
-        registry = self.registry
-        while not self._stopped.wait(self.interval):
-            done = registry.rollouts_done
-            if registry.rolling_out:
-                continue
+        wait = self.interval
+        while not self._stopped.wait(wait):
             try:
-                pending = registry.pending_version()
+                done = self.look()
             except Exception:  # never let the watcher die: the next look may work
                 log.exception("looking for a new model failed")
-                continue
-            if pending is None or registry.rolling_out or registry.rollouts_done != done:
-                continue  # nothing new, or a rollout ran meanwhile: look again next time
-            log.info("the model source now points at %s: rolling it out", pending)
+                done = False
+            self.failures = 0 if done else self.failures + 1
+            wait = retry_delay(self.failures, self.interval) if self.failures else self.interval
+            if self.failures:
+                log.info("looking again in %d s", wait)
+
+    def look(self):
+        """One look; False when it could not be made (to be tried again later)."""
+        registry = self.registry
+        if registry.staged is not None:
+            return True  # a checked version waits for the reload
+        if registry.unchecked():
+            if not registry.recheck():
+                return False
+            log.info("the parity check of %s ran: reloading the workers to apply it", registry.current.version)
             self.notify()
-            # One request at a time: wait for the rollout asked for before looking again.
-            while registry.rollouts_done == done and not self._stopped.wait(self.interval):
-                pass
+            return True
+        if not self.follow:
+            return True
+        try:
+            pointed = registry.pending_version()
+        except SourceError as exc:
+            log.warning("cannot look for a new model: %s", exc)
+            return False
+        if pointed is None:
+            return True
+        log.info("the model source now points at %s: fetching and checking it", pointed)
+        rollout = registry.stage(pointed)
+        if rollout.outcome is Outcome.STAGED:
+            self.notify()
+        return rollout.outcome is not Outcome.FAILED
 
     def stop(self):
         """Stop after the current look (if any)."""

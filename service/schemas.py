@@ -66,7 +66,10 @@ class PredictResponseSchema(ma.Schema):
 class RolloutSchema(ma.Schema):
     """The outcome of the last rollout (a look at the model source on reload or when its alias moved)."""
 
-    result = ma.fields.String(metadata={"description": "swapped, refused or failed (the source could not be read)."})
+    result = ma.fields.String(
+        metadata={"description": "swapped; refused (never tried again); failed (could not fetch or check it now: "
+                                 "tried again later)."}
+    )
     version = ma.fields.String(allow_none=True, metadata={"description": "The version looked at."})
     reason = ma.fields.String(allow_none=True, metadata={"description": "Why it was refused or failed."})
     at = ma.fields.String(metadata={"description": "When (UTC, ISO 8601)."})
@@ -101,4 +104,7 @@ class HealthSchema(ma.Schema):
     """A health probe's answer."""
 
     status = ma.fields.String(required=True, metadata={"description": "ok or unavailable"})
-    reason = ma.fields.String(metadata={"description": "Why the service is not ready."})
+    reason = ma.fields.String(metadata={"description": "Why the service is not ready, in a few words."})
+    detail = ma.fields.String(
+        metadata={"description": "The whole reason (paths, upstream errors); only to requests carrying the API key."}
+    )

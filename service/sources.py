@@ -10,14 +10,16 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config.settings import Settings
 from service.formats import model_uuid_from_path
 
 
 class SourceError(RuntimeError):
     """A source cannot give its model; the message names the setting and the problem in one line.
 
-    ``refused`` is True when the model was there but is not one the service can serve (as opposed
-    to a source that could not be reached), and ``version`` names it when known.
+    ``refused`` is True when asking again cannot help: the model is missing from its version, or
+    is there but is not one the service can serve (as opposed to a source that could not be
+    reached, or a transfer cut off, which may work next time); ``version`` names it when known.
     """
 
     def __init__(self, message, refused=False, version=None):
@@ -59,6 +61,7 @@ class MlflowSource:
     models_dir: str
     uuid: str | None = None
     allow_programs: bool = False
+    max_file_size: int = Settings.MAX_MODEL_FILE_SIZE
     code_modules: tuple[str, ...] = ()
     setting = "PRED_MODEL_URI"
 
@@ -85,12 +88,11 @@ class MlflowSource:
 
         try:
             fetched = mlflow_store.fetch_model_uri(
-                self.uri, self.models_dir, allow_programs=self.allow_programs, code_modules=self.code_modules
+                self.uri, self.models_dir, allow_programs=self.allow_programs, max_size=self.max_file_size,
+                code_modules=self.code_modules,
             )
-        except mlflow_store.ModelRefused as exc:
-            raise SourceError(f"{self.setting}: {exc}", refused=True, version=exc.version) from None
         except mlflow_store.FetchError as exc:
-            raise SourceError(f"{self.setting}: {exc}") from None
+            raise SourceError(f"{self.setting}: {exc}", refused=exc.permanent, version=exc.version) from None
         return Located(
             Path(fetched.path),
             {
@@ -113,6 +115,7 @@ def from_config(config):
             config.get("MODELS_DIR", "models"),
             config.get("PRED_MODEL_UUID"),
             bool(config.get("ALLOW_MODEL_PROGRAMS")),
+            config.get("MAX_MODEL_FILE_SIZE") or Settings.MAX_MODEL_FILE_SIZE,
             tuple(config.get("MODEL_CODE_MODULES") or ()),
         )
     return None

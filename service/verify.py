@@ -20,13 +20,18 @@ _BATCH = 64
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """The outcome of a parity check: whether it passed and a one-line summary."""
+    """The outcome of a parity check: whether it passed and a one-line summary.
+
+    ``ran`` is False when the check could not run for now (the tracking server could not be
+    reached): not a verdict on the model, and worth running again.
+    """
 
     ok: bool
     summary: str
     accuracy: float | None = None
     expected: float | None = None
     count: int = 0
+    ran: bool = True
 
 
 def held_out_pngs(split_seed=TrainConfig.split_seed, test_fraction=TrainConfig.test_fraction):
@@ -77,8 +82,9 @@ def check(
 def verify_classifier(classifier, run_id, tracking=None):
     """Check ``classifier`` against the ``test_accuracy`` logged on MLflow run ``run_id``.
 
-    A missing run id, an unknown run, an unreachable server or a run not logged by
-    ``flask model train`` is a failed check, with its reason in the summary.
+    A missing run id, an unknown run or a run not logged by ``flask model train`` is a failed
+    check, with its reason in the summary; an unreachable server is a check that could not run
+    (``ran`` False).
     """
     from service import mlflow_store
 
@@ -93,7 +99,7 @@ def verify_classifier(classifier, run_id, tracking=None):
         tracking = tracking or mlflow_store.connect()
         run = mlflow_store.get_run(tracking, run_id)
     except mlflow_store.FetchError as exc:
-        return VerifyReport(False, f"cannot read the accuracy logged on run {run_id}: {exc}")
+        return VerifyReport(False, f"cannot read the accuracy logged on run {run_id}: {exc}", ran=exc.permanent)
     metrics, params = run.data.metrics, run.data.params
     missing = [name for name in ("test_accuracy",) if name not in metrics]
     missing += [name for name in ("split_seed", "test_fraction") if name not in params]

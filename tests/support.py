@@ -189,13 +189,14 @@ def run_gunicorn(tmp_path, env=None, workers=2, ready=True, timeout=60.0):
 
 
 @contextmanager
-def mlflow_server(store, env=None, app_name=None):
-    """Run ``mlflow server`` as ``make mlflow`` does, on a free loopback port with its store in ``store``.
+def mlflow_server(store, env=None, app_name=None, port=None):
+    """Run ``mlflow server`` as ``make mlflow`` does, on a free loopback port (or ``port``) with its
+    store in ``store``.
 
     The server is always stopped.
     """
     store.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     command = demo.tracking_server_command(store, "127.0.0.1", port)
     if app_name:
         command += ["--app-name", app_name]

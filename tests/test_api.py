@@ -224,8 +224,21 @@ def test_a_model_that_cannot_load_is_503_everywhere_and_names_the_setting(make_a
         assert "PRED_MODEL_PATH" in body["message"] and "gone.pt" in body["message"]
     ready = client.get("/health/ready")
     assert ready.status_code == 503
-    assert "PRED_MODEL_PATH" in ready.json["reason"] and "does not exist" in ready.json["reason"]
+    assert ready.json == {"status": "unavailable", "reason": "the configured model cannot be loaded"}
     assert client.get("/health/live").status_code == 200
+
+
+def test_readiness_shows_paths_and_upstream_errors_only_to_holders_of_the_api_key(make_app, tmp_path):
+    client = make_app(PRED_MODEL_PATH=str(tmp_path / "gone.pt"), API_KEY="s3cret").test_client()
+    client.post(PREDICT, data=digits(0), headers={"Authorization": "Bearer s3cret"})
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        anonymous = client.get("/health/ready", headers=headers)
+        assert anonymous.status_code == 503
+        assert anonymous.json == {"status": "unavailable", "reason": "the configured model cannot be loaded"}
+        assert str(tmp_path) not in anonymous.get_data(as_text=True)
+    keyed = client.get("/health/ready", headers={"Authorization": "Bearer s3cret"})
+    assert keyed.status_code == 503 and keyed.json["reason"] == "the configured model cannot be loaded"
+    assert "PRED_MODEL_PATH" in keyed.json["detail"] and str(tmp_path / "gone.pt") in keyed.json["detail"]
 
 
 def test_openapi_spec_documents_the_api(client):

@@ -83,3 +83,24 @@ def test_quicker_access_lines_are_the_lines_gunicorn_writes(monkeypatch):
     stock, ours = lines
     assert ours == stock
     assert '\\"quoted\\"' in ours and 'say \\"hi\\"' in ours and " - " in ours
+
+
+def test_torch_threads_follow_the_cgroup_v2_cpu_quota(tmp_path):
+    from config.settings import cgroup_cpu_limit
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/kubepods/pod1/app\n")
+    root = tmp_path / "sys-fs-cgroup"
+    (root / "kubepods" / "pod1" / "app").mkdir(parents=True)
+    (root / "cpu.max").write_text("max 100000\n")
+    (root / "kubepods" / "pod1" / "app" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(proc, root) is None  # no quota anywhere: the affinity decides
+
+    (root / "kubepods" / "pod1" / "cpu.max").write_text("150000 100000\n")  # the pod's limit: 1.5 CPUs
+    assert cgroup_cpu_limit(proc, root) == 2
+    (root / "kubepods" / "pod1" / "app" / "cpu.max").write_text("50000 100000\n")  # the container's: half a CPU
+    assert cgroup_cpu_limit(proc, root) == 1
+
+    proc.write_text("12:cpu,cpuacct:/docker/abc\n")  # cgroup v1 only: no v2 quota to read
+    assert cgroup_cpu_limit(proc, root) is None
+    assert cgroup_cpu_limit(tmp_path / "missing", root) is None

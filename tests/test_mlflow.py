@@ -230,8 +230,10 @@ def test_download_by_run_id_then_gunicorn_predicts_as_in_process(tracking_url, t
     assert result.returncode == 0, result.stderr
     model_path = models_dir / trained_run / "model" / "model.pt"
     assert result.stdout.strip() == f"export PRED_MODEL_PATH={model_path}"
-    assert {"confusion_matrix.png", "sample_predictions.png"} <= {p.name for p in (models_dir / trained_run).iterdir()}
-    assert "downloading run" in result.stderr and "3 file(s)" in result.stderr  # progress
+    # The model's own file only: the run's plots stay on the tracking server.
+    assert [p.name for p in (models_dir / trained_run).iterdir()] == ["model"]
+    assert [p.name for p in (models_dir / trained_run / "model").iterdir()] == ["model.pt"]
+    assert "downloading run" in result.stderr and "1 file(s)" in result.stderr  # progress
     assert "Downloading artifacts" in result.stderr  # MLflow's progress bar, for a person at a terminal
 
     # Complete files: a second download needs no server at all.
@@ -263,7 +265,7 @@ def test_pred_model_uri_runs_fetches_once_serves_and_passes_its_start_up_check(t
         version = requests.get(f"{server.url}/api/v1/model/version", timeout=10).json()["data"]
         (name, data, _), = held_out_pngs()[:1]
         response = requests.post(f"{server.url}/api/v1/model/predict", files={"image_file": (name, data)}, timeout=30)
-        log = wait_for_log(server, "parity check passed", count=2)  # one per worker
+        log = wait_for_log(server, "parity check passed", count=1)  # in the master, for both workers
     model_path = models_dir / trained_run / "model" / "model.pt"
     assert response.status_code == 200, response.text
     assert version["model_uuid"] == trained_run
@@ -271,6 +273,7 @@ def test_pred_model_uri_runs_fetches_once_serves_and_passes_its_start_up_check(t
     assert version["model_path"] == str(model_path)
     assert version["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
     assert log.count("downloading run") == 1, log  # in the master, once for both workers
+    assert log.count("parity check passed") == 1, log  # likewise: the workers take the master's result
     assert "Downloading artifacts" not in log  # no progress bar in a server's log
 
 
@@ -305,14 +308,22 @@ def test_a_model_that_fails_its_start_up_check_is_never_ready(tracking_url, trai
     skewed = tmp_path / "skewed" / "models" / trained_run / "model" / "model.pt"
     skewed.parent.mkdir(parents=True)
     torch.save(checkpoint, skewed)
-    env = service_env(tracking_url, tmp_path / "models", PRED_MODEL_PATH=skewed, VERIFY_MODEL_ON_START="1")
+    env = service_env(
+        tracking_url, tmp_path / "models", PRED_MODEL_PATH=skewed, VERIFY_MODEL_ON_START="1", API_KEY="k3y"
+    )
     with run_gunicorn(tmp_path, env=env, workers=1, ready=False) as server:
         wait_until_ready(server.url, server.process, server.log_path, timeout=60, path="/health/live")
-        ready = requests.get(f"{server.url}/health/ready", timeout=10)
+        anonymous = requests.get(f"{server.url}/health/ready", timeout=10)
+        ready = requests.get(f"{server.url}/health/ready", headers={"Authorization": "Bearer k3y"}, timeout=10)
         (name, data, _), = held_out_pngs()[:1]
-        predict = requests.post(f"{server.url}/api/v1/model/predict", files={"image_file": (name, data)}, timeout=30)
-    assert ready.status_code == 503
-    assert "parity check failed" in ready.json()["reason"] and "points apart" in ready.json()["reason"]
+        predict = requests.post(
+            f"{server.url}/api/v1/model/predict", files={"image_file": (name, data)},
+            headers={"Authorization": "Bearer k3y"}, timeout=30,
+        )
+    assert anonymous.status_code == 503
+    assert anonymous.json() == {"status": "unavailable", "reason": "the parity check failed"}
+    assert ready.status_code == 503 and ready.json()["reason"] == "the parity check failed"
+    assert "parity check failed" in ready.json()["detail"] and "points apart" in ready.json()["detail"]
     assert predict.status_code == 503
 
 

@@ -237,3 +237,33 @@ def test_json_logs_are_one_object_per_line(json_logged):
     assert {"gunicorn.error", "gunicorn.access", "service.registry"} <= names
     # The run's own metrics directory (made in TMPDIR, as none was configured) is gone with it.
     assert list(private_tmp.iterdir()) == []
+
+
+def test_the_metric_files_of_hundreds_of_dead_workers_are_merged_and_their_counts_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from prometheus_client.parser import text_string_to_metric_families as parse
+
+    from tests.support import ROOT, child_environment
+
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    restarts = 300
+    master = subprocess.run(
+        [sys.executable, "-m", "tests.metrics_workers", str(metrics_dir), str(restarts)],
+        cwd=ROOT, env=child_environment({"PROMETHEUS_MULTIPROC_DIR": metrics_dir}), check=True, timeout=300,
+        capture_output=True, text=True,
+    ).stdout.strip()
+    files = sorted(path.name for path in metrics_dir.iterdir() if not path.name.endswith(f"_{master}.db"))
+    # One file per kind for all the dead workers: not three per worker that ever ran.
+    assert files == ["counter_dead.db", "histogram_dead.db"], files
+
+    from service.observability import render_metrics
+
+    body, _ = render_metrics(str(metrics_dir))
+    samples = [(s.name, s.labels, s.value) for family in parse(body.decode()) for s in family.samples]
+    assert total(samples, "http_requests_total", endpoint="<unmatched>", status="200") == 3 * restarts
+    assert total(samples, "http_request_duration_seconds_count", endpoint="<unmatched>") == 3 * restarts
+    assert total(samples, "http_request_duration_seconds_bucket", endpoint="<unmatched>", le="0.005") == 3 * restarts
+    assert not [s for s in samples if s[0] == "model_info"], "a dead worker's model is not served"

@@ -677,3 +677,142 @@ def test_with_verify_model_on_start_a_version_that_fails_its_parity_check_is_ref
     assert rollout.outcome is Outcome.REFUSED and rollout.version == "2"
     assert rollout.reason.startswith("parity check failed: no MLflow run id to compare with")
     assert master.current.version == "1"
+
+
+# -- faults: every error is an outcome, a bad version is refused once ---------------------------
+
+
+class FaultySource(PointedSource):
+    """A pointed source whose ``locate`` raises what the test sets, for the versions it names."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.faults, self.located = {}, 0
+
+    def locate(self):
+        self.located += 1
+        fault = self.faults.get(self.version)
+        if fault is not None:
+            raise fault
+        return super().locate()
+
+
+def watched(source, **settings):
+    """A master's registry for ``source`` (loaded, not serving) and the outcomes it counted."""
+    master = ModelRegistry(source, allow_programs=True, **settings)
+    master.load()
+    counted = []
+    master.on_rollout = lambda rollout: counted.append((rollout.outcome.value, rollout.version))
+    return master, counted
+
+
+def test_a_permanent_source_error_refuses_the_version_once_and_the_watcher_never_asks_again(tmp_path):
+    from service.sources import SourceError
+
+    path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
+    source = FaultySource(path)
+    master, counted = watched(source)
+    source.version = "2"
+    source.faults["2"] = SourceError("PRED_MODEL_URI: run abc has no model/model.pt artifact", refused=True, version="2")
+    notified = []
+    watcher = AliasWatcher(master, 1, lambda: notified.append(1))
+    located = source.located
+
+    assert watcher.look() is True
+    for _ in range(5):  # each poll: the alias still points at the refused version
+        assert watcher.look() is True
+
+    assert counted == [("refused", "2")] and source.located == located + 1 and notified == []
+    assert master.last_rollout.outcome is Outcome.REFUSED and master.last_rollout.version == "2"
+    assert "has no model/model.pt artifact" in master.last_rollout.reason
+    assert master.info["rollout"]["result"] == "refused" and master.current.version == "1"
+
+
+def test_a_transient_source_error_is_tried_again_later_with_a_growing_delay(tmp_path):
+    from service.registry import RETRY_MAX_SECONDS, retry_delay
+    from service.sources import SourceError
+
+    path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
+    source = FaultySource(path)
+    master, counted = watched(source)
+    source.version = "2"
+    source.faults["2"] = SourceError("PRED_MODEL_URI: cannot reach the MLflow tracking server")
+    notified = []
+    watcher = AliasWatcher(master, 1, lambda: notified.append(1))
+
+    assert watcher.look() is False and watcher.look() is False
+    assert counted == [("failed", "2"), ("failed", "2")] and notified == []
+    assert master.info["rollout"]["result"] == "failed" and master.info["rollout"]["version"] == "2"
+    assert [retry_delay(n, 2) for n in (1, 2, 3)] == [4, 8, 16] and retry_delay(30, 2) == RETRY_MAX_SECONDS
+
+    del source.faults["2"]  # the server is back
+    assert watcher.look() is True and notified == [1]
+    assert master.staged.version == "2" and master.current.version == "1"  # checked, waiting for the reload
+    assert watcher.look() is True and notified == [1]  # staged: nothing more until the reload
+
+
+@pytest.mark.parametrize("fault", [PermissionError(13, "Permission denied"), MemoryError(), KeyError("bug")])
+def test_an_unexpected_exception_is_logged_once_with_its_traceback_and_refuses_the_version(tmp_path, caplog, fault):
+    path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
+    source = FaultySource(path)
+    master, counted = watched(source)
+    source.version = "2"
+    source.faults["2"] = fault
+    watcher = AliasWatcher(master, 1, lambda: None)
+
+    with caplog.at_level(logging.ERROR):
+        assert watcher.look() is True and watcher.look() is True
+        rollout = master.refresh()  # an operator's SIGHUP: looked at there and then, never raised
+
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 2, "once by the watcher, once by the operator's reload"
+    assert rollout.outcome is Outcome.REFUSED and rollout.reason.startswith("unexpected error: ")
+    assert counted == [("refused", "2"), ("refused", "2")]
+    assert master.current.version == "1"
+
+
+def test_the_reload_swaps_in_the_staged_candidate_without_reading_it_again(tmp_path, caplog):
+    path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
+    source = PointedSource(path)
+    master, counted = watched(source)
+    source.version = "2"
+    assert master.stage("2").outcome is Outcome.STAGED
+    staged = master.staged
+
+    with caplog.at_level(logging.INFO, logger="service.registry"):
+        rollout = master.refresh()
+
+    assert rollout.outcome is Outcome.SWAPPED and master.current is staged and master.staged is None
+    assert not [r for r in caplog.records if r.getMessage().startswith("loaded ")]
+    assert counted == [("swapped", "2")]
+
+
+def test_an_unchanged_version_costs_a_hash_not_a_load(tiny_checkpoint, caplog):
+    served = load(tiny_checkpoint)
+    with caplog.at_level(logging.INFO, logger="service.registry"):
+        assert served.refresh().outcome is Outcome.UNCHANGED
+    assert not [r for r in caplog.records if r.getMessage().startswith("loaded ")]
+
+
+def test_a_parity_check_that_could_not_run_is_reported_as_such_and_run_again(tmp_path, monkeypatch):
+    from service import verify
+
+    path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
+    reports = [verify.VerifyReport(False, "cannot read the accuracy logged on run r: server down", ran=False)]
+    monkeypatch.setattr(verify, "verify_classifier", lambda classifier, run_id: reports[0])
+    master = ModelRegistry(PointedSource(path), allow_programs=True, verify_on_start=True)
+    master.load()
+    assert master.unchecked()
+
+    worker = master  # what a worker forked now does with the master's result
+    worker.prepare_worker()
+    assert worker.state is State.UNCHECKED and not worker.ready
+    assert worker.reason == "the parity check could not run yet"
+    assert worker.problem.startswith("parity check could not run") and "server down" in worker.problem
+
+    notified = []
+    watcher = AliasWatcher(master, 1, lambda: notified.append(1), follow=False)
+    assert watcher.look() is False and notified == []  # still down: tried again later
+    reports[0] = verify.VerifyReport(True, "accuracy 99%")
+    assert watcher.look() is True and len(notified) == 1  # ran: the workers are reloaded to learn it
+    assert not master.unchecked()
