@@ -1,10 +1,12 @@
 """Shared test code: images, model files and real server processes."""
 
+import http.server
 import io
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -269,3 +271,59 @@ def running(pids):
         except psutil.NoSuchProcess:
             pass
     return alive
+
+
+class _CuttingProxy(http.server.BaseHTTPRequestHandler):
+    """Forwards requests to the tracking server, but breaks transfers of a model.pt midway (every
+    one, or the first ``cuts_left``)."""
+
+    upstream = None
+    mode = "dropped"
+    cuts_left = None
+
+    def _forward(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        upstream = requests.request(
+            self.command,
+            self.upstream + self.path,
+            data=self.rfile.read(length) if length else None,
+            headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
+            timeout=30,
+        )
+        body = upstream.content
+        cut = self.command == "GET" and self.path.split("?")[0].endswith("/model.pt")
+        cut = cut and (self.cuts_left is None or self.cuts_left > 0)
+        if cut and self.cuts_left is not None:
+            type(self).cuts_left -= 1
+        self.send_response(upstream.status_code)
+        self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/octet-stream"))
+        if cut and self.mode == "truncated":
+            body = body[: len(body) // 2]  # a clean, complete-looking response that is too short
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if cut and self.mode == "dropped":
+            self.wfile.write(body[: len(body) // 2])  # then the connection drops
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    do_GET = do_POST = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def cutting_proxy(upstream, mode, cuts=None):
+    """A proxy to the tracking server ``upstream`` that cuts model transfers (``mode``: the
+    connection ``dropped``, or a ``truncated`` answer), every one or the first ``cuts``."""
+    handler = type("Handler", (_CuttingProxy,), {"upstream": upstream, "mode": mode, "cuts_left": cuts})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

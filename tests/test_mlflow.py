@@ -1,13 +1,10 @@
 """The model lifecycle against a real ``mlflow server``: train, fetch by run id or URI, serve, verify."""
 
 import hashlib
-import http.server
 import importlib.metadata
 import os
 import subprocess
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +24,7 @@ from service.verify import held_out_pngs
 from tests.support import (
     BIN,
     ROOT,
+    cutting_proxy,
     free_port,
     mlflow_server,
     run_gunicorn,
@@ -470,55 +468,6 @@ def test_an_interrupted_tracking_server_start_stops_the_server(tmp_path, monkeyp
     finally:
         for process in started:
             stop(process)
-
-
-class _CuttingProxy(http.server.BaseHTTPRequestHandler):
-    """Forwards requests to the tracking server, but breaks every transfer of a model.pt midway."""
-
-    upstream = None
-    mode = "dropped"
-
-    def _forward(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        upstream = requests.request(
-            self.command,
-            self.upstream + self.path,
-            data=self.rfile.read(length) if length else None,
-            headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
-            timeout=30,
-        )
-        body = upstream.content
-        cut = self.command == "GET" and self.path.split("?")[0].endswith("/model.pt")
-        self.send_response(upstream.status_code)
-        self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/octet-stream"))
-        if cut and self.mode == "truncated":
-            body = body[: len(body) // 2]  # a clean, complete-looking response that is too short
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if cut and self.mode == "dropped":
-            self.wfile.write(body[: len(body) // 2])  # then the connection drops
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    do_GET = do_POST = _forward
-
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def cutting_proxy(upstream, mode):
-    handler = type("Handler", (_CuttingProxy,), {"upstream": upstream, "mode": mode})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("mode", ["dropped", "truncated"])

@@ -1,6 +1,7 @@
 """Rollouts that fail safely, on real gunicorn and a real ``mlflow server``, under load: a version
-with no model or over the size limit is refused once and no worker restarts for it; a tracking
-server that stops is waited for; a worker killed before and after a rollout comes back."""
+with no model or over the size limit is refused once and no worker restarts for it; a download cut
+off and a tracking server that stops are tried again later; a worker killed before and after a
+rollout comes back."""
 
 import json
 import os
@@ -14,9 +15,16 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from service import verify
+from service import mlflow_store, verify
 from service.formats import read_model_file
-from tests.support import mlflow_server, run_gunicorn, wait_for_workers, wait_until_ready, write_template_checkpoint
+from tests.support import (
+    cutting_proxy,
+    mlflow_server,
+    run_gunicorn,
+    wait_for_workers,
+    wait_until_ready,
+    write_template_checkpoint,
+)
 from tests.test_rollout import (
     ALIAS,
     MODEL,
@@ -101,6 +109,33 @@ def test_a_version_with_no_model_or_too_big_a_model_is_refused_once_and_restarts
     assert "Traceback" not in log, log
     assert not (tmp_path / "models" / big_run).exists(), "an oversize model is refused before it is downloaded"
     assert_every_answer_whole(load, allowed={v1})
+
+
+def test_a_version_whose_download_is_cut_off_is_tried_again_later_then_served(tracking, tmp_path):
+    url, client = tracking
+    v1 = log_version(client, write_template_checkpoint(tmp_path / "v1" / "model.pt", seed=41))
+    v2 = log_version(client, write_template_checkpoint(tmp_path / "v2" / "model.pt", seed=42))
+    v2_run = client.get_model_version(MODEL, v2).run_id
+    client.set_registered_model_alias(MODEL, ALIAS, v1)
+    mlflow_store.fetch_model_uri(f"models:/{MODEL}@{ALIAS}", tmp_path / "models", url)  # v1 is on disk already
+    # The service talks to the tracking server through a proxy that cuts the next two model transfers short.
+    with cutting_proxy(url, "truncated", cuts=2) as proxy_url:
+        env = alias_env(proxy_url, tmp_path)
+        with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
+            booted = worker_boots(server)
+            client.set_registered_model_alias(MODEL, ALIAS, v2)
+            wait_for_log(server, rf"cannot fetch or check {v2} for now, still serving {v1}: .*bytes after the download")
+            assert worker_boots(server) == booted and served_version(server)[0] == v1
+            assert wait_for(lambda: served_version(server)[1].get("rollout"), lambda r: r and r["version"] == v2,
+                            server)["result"] == "failed"
+            wait_for_version(server, v2, timeout=120)  # the third try gets it whole
+            assert worker_boots(server) == booted + 2, server.log()  # one reload, once it was checked
+            assert rollouts(server, "failed") == 2 and rollouts(server, "refused") == 0
+    log = server.log()
+    assert re.findall(r"looking again in (\d+) s", log)[:2] == ["2", "4"], log  # a growing delay
+    assert "Traceback" not in log, log
+    assert (tmp_path / "models" / v2_run / "model" / "model.pt").is_file()
+    assert_every_answer_whole(load, allowed={v1, v2})
 
 
 def test_a_stopped_tracking_server_is_waited_for_then_the_new_version_served(tmp_path):
