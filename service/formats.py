@@ -26,6 +26,7 @@ import re
 import stat
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,9 +91,14 @@ def error_detail(exc):
     return line[:300]
 
 
+def _source(data):
+    """A model file's bytes as torch and zipfile read them; a path stays a path."""
+    return data if isinstance(data, str) else io.BytesIO(data)
+
+
 def _is_torchscript(data):
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(_source(data)) as archive:
             names = archive.namelist()
     except zipfile.BadZipFile:
         return False
@@ -188,7 +194,7 @@ def _load_torchscript(data):
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream but is a format this service serves: no warning per start.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
+        module = torch.jit.load(_source(data), map_location="cpu", _extra_files=extra)
     if not extra[TORCHSCRIPT_METADATA]:
         raise ModelFileError(f"TorchScript archive has no {TORCHSCRIPT_METADATA} with labels and input_shape")
     metadata = json.loads(extra[TORCHSCRIPT_METADATA])
@@ -198,9 +204,20 @@ def _load_torchscript(data):
     return module, metadata
 
 
+def _torch_load(data):
+    """``torch.load(weights_only=True)`` on the CPU; a file's tensors memory-mapped where its format
+    allows (torch's zip format; the legacy one is read into memory)."""
+    if not isinstance(data, str):
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if zipfile.is_zipfile(data):
+        return torch.load(data, map_location="cpu", weights_only=True, mmap=True)
+    with open(data, "rb") as file:
+        return torch.load(io.BytesIO(file.read()), map_location="cpu", weights_only=True)
+
+
 def _load_checkpoint(data, code_modules=()):
     try:
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        checkpoint = _torch_load(data)
     except Exception as exc:
         # weights_only refuses any global it does not know: that is the point.
         refused = _UNPICKLING_GLOBAL.search(str(exc))
@@ -312,13 +329,14 @@ def _first(keys, shown=3):
 
 
 def read_model(data, allow_programs=False, code_modules=()):
-    """Build a CPU :class:`Classifier` and its metadata from the bytes of a model file.
+    """Build a CPU :class:`Classifier` and its metadata from the bytes of a model file (or from the
+    file at the path ``data``, whose weights are then memory-mapped).
 
     Raises ModelFileError, saying why in one line, for anything that is not a model it can
     serve, and for a program (TorchScript) unless ``allow_programs``. A network from the project's
     own modules is built only when ``code_modules`` (MODEL_CODE_MODULES) allows its module.
     """
-    if not data:
+    if not data or (isinstance(data, str) and not os.path.getsize(data)):
         raise ModelFileError("the file is empty")
     try:
         if _is_torchscript(data):
@@ -338,8 +356,9 @@ def read_model(data, allow_programs=False, code_modules=()):
         raise ModelFileError(f"cannot load model: {error_detail(exc)}") from None
 
 
-def read_bytes(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
-    """The bytes of the regular file ``path``, at most ``max_size`` of them.
+@contextmanager
+def _open_regular(path, max_size):
+    """The regular file ``path`` opened for reading, once it is known to be at most ``max_size``.
 
     A FIFO, a device or a socket is refused before it is opened (reading one could block for
     ever or never end), and so is a file over ``max_size`` (MAX_MODEL_FILE_SIZE).
@@ -362,15 +381,35 @@ def read_bytes(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
     try:
         # O_NONBLOCK: should the path be swapped for a FIFO after the check, open() must not hang.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                raise ModelFileError(f"{path} is not a regular file, expected a model file")
-            data = file.read(max_size + 1)
+        file = os.fdopen(fd, "rb")
     except OSError as exc:
         raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > max_size:
-        raise ModelFileError(f"{path} grew over the limit of {max_size} bytes (MAX_MODEL_FILE_SIZE)")
-    return data
+    with file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ModelFileError(f"{path} is not a regular file, expected a model file")
+        yield file
+
+
+def _read_all(file, path, max_size, chunk=None):
+    """Read ``file`` whole (``chunk`` None) or hash it in chunks; ModelFileError when it grew over ``max_size``."""
+    digest, data, total = hashlib.sha256(), [], 0
+    try:
+        while piece := file.read(chunk or max_size + 1):
+            total += len(piece)
+            if total > max_size:
+                raise ModelFileError(f"{path} grew over the limit of {max_size} bytes (MAX_MODEL_FILE_SIZE)")
+            digest.update(piece)
+            if chunk is None:
+                data.append(piece)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
+    return b"".join(data), digest.hexdigest(), total
+
+
+def read_bytes(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
+    """The bytes of the regular file ``path``, at most ``max_size`` (MAX_MODEL_FILE_SIZE) of them."""
+    with _open_regular(path, max_size) as file:
+        return _read_all(file, path, max_size)[0]
 
 
 def file_sha256(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
@@ -378,29 +417,17 @@ def file_sha256(path, max_size=Settings.MAX_MODEL_FILE_SIZE):
     what tells an unchanged version. A file is hashed in chunks, never held whole."""
     if Path(path).is_dir():
         return directory_sha256(read_directory(path, max_size))
-    path = Path(path)
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ModelFileError(f"{path} is not a regular file, expected a model file")
-    if info.st_size > max_size:
-        raise ModelFileError(f"{path} is {info.st_size} bytes, over the limit of {max_size} (MAX_MODEL_FILE_SIZE)")
-    digest = hashlib.sha256()
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-    except OSError as exc:
-        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
-    return digest.hexdigest()
+    with _open_regular(path, max_size) as file:
+        return _read_all(file, path, max_size, chunk=1 << 20)[1]
 
 
 def read_model_file(path, allow_programs=False, max_size=Settings.MAX_MODEL_FILE_SIZE, code_modules=()):
     """Read the model file, or MLflow model directory, at ``path`` into a :class:`ModelFile`;
-    ModelFileError says why not. A directory's sha256 covers the names and contents of its files."""
+    ModelFileError says why not. A directory's sha256 covers the names and contents of its files.
+
+    A file is hashed in chunks and its weights are memory-mapped (``torch.load(mmap=True)``)
+    through the same open file, so loading holds no second copy of it in memory.
+    """
     if Path(path).is_dir():
         files = read_directory(path, max_size)
         try:
@@ -408,12 +435,19 @@ def read_model_file(path, allow_programs=False, max_size=Settings.MAX_MODEL_FILE
         except ModelFileError as exc:
             raise ModelFileError(f"{path}: {exc}") from None
         return ModelFile(classifier, metadata, directory_sha256(files), sum(len(data) for data in files.values()))
-    data = read_bytes(path, max_size)
-    try:
-        classifier, metadata = read_model(data, allow_programs, code_modules)
-    except ModelFileError as exc:
-        raise ModelFileError(f"{path}: {exc}") from None
-    return ModelFile(classifier, metadata, hashlib.sha256(data).hexdigest(), len(data))
+    with _open_regular(path, max_size) as file:
+        _, sha256, size = _read_all(file, path, max_size, chunk=1 << 20)
+        # The open file itself, by its /proc name: what is mapped is what was hashed, even if the
+        # path is replaced meanwhile. Elsewhere (no /proc) the file is read into memory.
+        source = f"/proc/self/fd/{file.fileno()}"
+        if not os.path.exists(source):
+            file.seek(0)
+            source = _read_all(file, path, max_size)[0]
+        try:
+            classifier, metadata = read_model(source, allow_programs, code_modules)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+    return ModelFile(classifier, metadata, sha256, size)
 
 
 # -- MLflow model directories (mlflow.pytorch.log_model / save_model) ------------------------------
