@@ -16,6 +16,7 @@ Each is called with the metadata's ``architecture_args`` (plain JSON values) and
 description gives the preprocessing and the categories, offline (:func:`weights_preset`).
 """
 
+import functools
 import importlib
 import math
 import re
@@ -27,7 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision import models as tv_models
 
-TORCHVISION = "torchvision"
+# Where an architecture's code comes from.
+BUILT_IN, TORCHVISION, PROJECT = "built in", "torchvision", "project"
 CODE_MODULES_SETTING = "MODEL_CODE_MODULES"
 LIST_COMMAND = "flask --app wsgi model architectures"
 _MODULE_NAME = re.compile(r"\A[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
@@ -95,9 +97,13 @@ class Architecture:
 
     name: str
     builder: object
+    kind: str  # BUILT_IN, TORCHVISION or PROJECT
     source: str
-    # Whether the service knows the network works on channels-last tensors (its own and torchvision's).
-    known: bool
+
+    @property
+    def known(self):
+        """Whether the service knows the network's code (and that it runs on channels-last tensors)."""
+        return self.kind != PROJECT
 
 
 def classification_models():
@@ -114,7 +120,7 @@ def resolve(name, code_modules=()):
     if not isinstance(name, str) or not name:
         raise ArchitectureError(f"architecture must be a name such as digit_cnn or torchvision:resnet18, got {name!r}")
     if name in ARCHITECTURES:
-        return Architecture(name, ARCHITECTURES[name], "built in", True)
+        return Architecture(name, ARCHITECTURES[name], BUILT_IN, "built in")
     module_name, colon, attribute = name.rpartition(":")
     if not colon:
         raise ArchitectureError(
@@ -130,7 +136,7 @@ def resolve(name, code_modules=()):
 
 def _torchvision(name, builder):
     if builder in classification_models():
-        return Architecture(name, tv_models.get_model_builder(builder), f"torchvision {torchvision.__version__}", True)
+        return Architecture(name, tv_models.get_model_builder(builder), TORCHVISION, f"torchvision {torchvision.__version__}")
     for task, module in _OTHER_TASKS.items():
         if builder in tv_models.list_models(module=module):
             raise ArchitectureError(
@@ -153,7 +159,7 @@ def _project(name, module_name, attribute, code_modules):
         )
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # the project's own module: any error of its import is its own
+    except (Exception, SystemExit) as exc:  # the project's own module: any error of its import (even an exit) is its own
         raise ArchitectureError(f"architecture {name!r}: cannot import {module_name}: {exc.__class__.__name__}: {exc}"[:300]) from None
     builder = vars(module).get(attribute)
     is_network_class = isinstance(builder, type) and issubclass(builder, nn.Module)
@@ -164,7 +170,7 @@ def _project(name, module_name, attribute, code_modules):
             f"refused: {name!r} is {what}, not an nn.Module subclass or a function marked with "
             "@service.architectures.network_builder (or __network_builder__ = True)"
         )
-    return Architecture(name, builder, f"module {module_name} ({CODE_MODULES_SETTING})", False)
+    return Architecture(name, builder, PROJECT, f"module {module_name} ({CODE_MODULES_SETTING})")
 
 
 def check_arguments(arguments):
@@ -204,11 +210,11 @@ def build(architecture, num_classes, arguments=None):
     builder that fails or does not return an ``nn.Module``.
     """
     kwargs = check_arguments(arguments)
-    if architecture.source.startswith(TORCHVISION):
+    if architecture.kind == TORCHVISION:
         kwargs["weights"] = None  # never download: the model file brings the weights
     try:
         module = architecture.builder(**kwargs, num_classes=num_classes)
-    except Exception as exc:  # a builder given the wrong arguments, or the project's own code failing
+    except (Exception, SystemExit) as exc:  # a builder given the wrong arguments, or the project's own code failing
         detail = " ".join(str(exc).split())
         raise ArchitectureError(f"cannot build {architecture.name!r}: {exc.__class__.__name__}: {detail}"[:300]) from None
     if not isinstance(module, nn.Module):
@@ -234,6 +240,13 @@ def weights_preset(name):
     """The preprocessing and categories of the torchvision weights ``name`` (``Enum.member``), offline."""
     if not isinstance(name, str) or name.count(".") != 1:
         raise ArchitectureError(f"weights must name a torchvision weights enum member such as ResNet18_Weights.IMAGENET1K_V1, got {name!r:.80}")
+    return _weights_preset(name)
+
+
+# Loading a model asks for its weights' preset for the labels, the preprocessing and the builder
+# check; the answer never changes, and finding the builder walks every torchvision classifier.
+@functools.lru_cache(maxsize=64)
+def _weights_preset(name):
     try:
         weights = tv_models.get_weight(name)
     except Exception:

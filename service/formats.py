@@ -252,7 +252,7 @@ def _build(state_dict, metadata, code_modules=()):
         architecture = architectures.resolve(name, code_modules)
         labels = labels_of(metadata)
         module = architectures.build(architecture, len(labels), metadata.get("architecture_args"))
-        if architecture.source.startswith(architectures.TORCHVISION):
+        if architecture.kind == architectures.TORCHVISION:
             builder = architectures.weights_preset(metadata["weights"]).builder if metadata.get("weights") else None
             if builder is not None and f"{architectures.TORCHVISION}:{builder}" != name:
                 raise architectures.ArchitectureError(

@@ -695,3 +695,12 @@ def test_a_model_file_is_loaded_without_a_second_copy_in_memory(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     # The network itself (1x) and the mapped file's pages (1x); reading the bytes first made it 3x or more.
     assert float(result.stdout) < 2.7, f"loading peaked at {float(result.stdout):.2f} x the file's size"
+
+
+def test_a_project_module_that_exits_on_import_is_refused_and_the_service_goes_on(tmp_path, own_package):
+    """An allowed module is the project's own code: even sys.exit() in it is a refusal, not a stop."""
+    name, package = own_package
+    (package / "quits.py").write_text("import sys\nsys.exit(3)\n")
+    path = checkpoint(tmp_path / "m.pt", network("squeezenet1_1"), **{**OWN_INPUT, "architecture": f"{name}.quits:Net"})
+    message = refusal(path, code_modules=(name,))
+    assert f"cannot import {name}.quits: SystemExit: 3" in message
