@@ -112,9 +112,9 @@ def on_starting(server):
 
 
 def count_rollout(rollout):
-    """The rollouts metric, by outcome (a staged candidate is counted when it is swapped in)."""
-    if rollout.outcome.value != "staged":
-        observability.record_rollout(rollout.outcome.value)
+    """The rollouts metric, by outcome (a staged candidate is not a rollout yet: it is counted when
+    it is swapped in)."""
+    observability.record_rollout(rollout.outcome.value)
 
 
 def when_ready(server):

@@ -204,7 +204,7 @@ def _failure(exc, tracking, subject):
 def check_run_id(run_id):
     """Raise FetchError unless ``run_id`` looks like an MLflow run id (it becomes a folder name)."""
     if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-        raise FetchError(f"{run_id!r} is not an MLflow run id (letters, digits, '-' and '_')")
+        raise FetchError(f"{run_id!r} is not an MLflow run id (letters, digits, '-' and '_')", permanent=True)
 
 
 def get_run(tracking, run_id):

@@ -325,19 +325,21 @@ class ModelRegistry:
         log.info("rollout: %s is fetched and checked: reloading the workers to serve it", candidate.version)
         return Rollout(Outcome.STAGED, candidate.version)
 
-    def check(self, candidate):
+    def check(self, candidate, torch_lock=None):
         """Why ``candidate`` must not serve (None when it may): a warm-up pass on the CPU that also
-        checks the network's output against the labels, and the parity check with VERIFY_MODEL_ON_START."""
+        checks the network's output against the labels, and the parity check with VERIFY_MODEL_ON_START.
+        ``torch_lock`` is held around the forward passes only, never while the tracking server is asked."""
         started = time.perf_counter()
         try:
-            candidate.classifier.warm_up()
+            with torch_lock or nullcontext():
+                candidate.classifier.warm_up()
         except Exception as exc:  # a network that does not take its input shape, or an output/labels mismatch
             return (
                 f"the warm-up forward pass on a {list(candidate.classifier.input_spec.shape)} input failed "
                 f"({error_detail(exc)})"
             )
         log.info("rollout: %s passed its warm-up pass in %.1f ms", candidate.version, (time.perf_counter() - started) * 1000)
-        report = self._check_parity(candidate)
+        report = self._check_parity(candidate, torch_lock)
         return None if report is None or report.ok else f"parity check failed: {report.summary}"
 
     def pending_version(self):
@@ -364,8 +366,7 @@ class ModelRegistry:
         """Run the served version's parity check again; True when it ran (passed or failed)."""
         current = self.current
         _guard_forks()
-        with _TORCH_IN_MASTER:
-            report = self._check_parity(current)
+        report = self._check_parity(current, _TORCH_IN_MASTER)
         return report is not None and report.ran
 
     # -- internals ----------------------------------------------------------------------------
@@ -384,10 +385,12 @@ class ModelRegistry:
                 return None, self._count(Rollout(Outcome.UNCHANGED, current.version))
             if guard:
                 _guard_forks()
-            with _TORCH_IN_MASTER if guard else nullcontext():
+            # Forks wait while torch runs here, not while the tracking server is asked.
+            torch_lock = _TORCH_IN_MASTER if guard else nullcontext()
+            with torch_lock:
                 candidate = self._read_located(located)
-                version = candidate.version
-                problem = self.check(candidate)
+            version = candidate.version
+            problem = self.check(candidate, torch_lock)
         except SourceError as exc:
             if exc.refused:
                 return None, self._refuse(exc.version or version or self._pointed(), str(exc))
@@ -494,12 +497,13 @@ class ModelRegistry:
             self.state, self.reason = State.FAILED, "the parity check failed"
             self.problem = f"parity check failed: {report.summary}"
 
-    def _check_parity(self, served):
-        """With VERIFY_MODEL_ON_START, run ``served``'s parity check, keep and return its report."""
+    def _check_parity(self, served, torch_lock=None):
+        """With VERIFY_MODEL_ON_START, run ``served``'s parity check, keep and return its report
+        (``torch_lock`` held around its forward passes only)."""
         if not self.verify_on_start:
             return None
         try:
-            report = verify.verify_classifier(served.classifier, served.info.get("model_uuid"))
+            report = verify.verify_classifier(served.classifier, served.info.get("model_uuid"), torch_lock=torch_lock)
         except Exception as exc:  # a check that crashes has not passed
             log.exception("parity check of %s could not run", served.version)
             report = verify.VerifyReport(False, f"the check itself failed: {error_detail(exc)}")

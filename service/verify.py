@@ -5,6 +5,7 @@ served model whose weights, labels or preprocessing differ from the trained one 
 scores differently from the ``test_accuracy`` logged on its MLflow run.
 """
 
+import contextlib
 import io
 import logging
 from dataclasses import dataclass
@@ -79,12 +80,13 @@ def check(
     return VerifyReport(False, summary, accuracy, expected, count)
 
 
-def verify_classifier(classifier, run_id, tracking=None):
+def verify_classifier(classifier, run_id, tracking=None, torch_lock=None):
     """Check ``classifier`` against the ``test_accuracy`` logged on MLflow run ``run_id``.
 
     A missing run id, an unknown run or a run not logged by ``flask model train`` is a failed
     check, with its reason in the summary; an unreachable server is a check that could not run
-    (``ran`` False).
+    (``ran`` False). ``torch_lock`` is held around the forward passes only, never while the
+    tracking server is asked.
     """
     from service import mlflow_store
 
@@ -112,4 +114,5 @@ def verify_classifier(classifier, run_id, tracking=None):
     except ValueError:
         return VerifyReport(False, f"run {run_id} has unreadable split parameters {params['split_seed']!r}, "
                                    f"{params['test_fraction']!r}")
-    return check(classifier, metrics["test_accuracy"], split_seed, test_fraction, source=f"run {run_id}")
+    with torch_lock or contextlib.nullcontext():
+        return check(classifier, metrics["test_accuracy"], split_seed, test_fraction, source=f"run {run_id}")

@@ -799,7 +799,7 @@ def test_a_parity_check_that_could_not_run_is_reported_as_such_and_run_again(tmp
 
     path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
     reports = [verify.VerifyReport(False, "cannot read the accuracy logged on run r: server down", ran=False)]
-    monkeypatch.setattr(verify, "verify_classifier", lambda classifier, run_id: reports[0])
+    monkeypatch.setattr(verify, "verify_classifier", lambda classifier, run_id, **options: reports[0])
     master = ModelRegistry(PointedSource(path), allow_programs=True, verify_on_start=True)
     master.load()
     assert master.unchecked()
