@@ -18,8 +18,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --progress-bar on -r requirements-dev.txt
 	@touch $@
 
-# Debian packages the tests start for real (Chromium for Swagger UI, nginx, wrk for the benchmark).
-SYSTEM_PACKAGES ?= nginx chromium wrk
+# Debian packages the tests start for real (Chromium for Swagger UI, nginx, wrk for the benchmark,
+# curl for the README's examples).
+SYSTEM_PACKAGES ?= nginx chromium wrk curl
 
 system-packages:  ## install the Debian packages the tests need, if missing (apt-get as root or with sudo)
 	@scripts/install-system-packages $(SYSTEM_PACKAGES)

@@ -132,7 +132,7 @@ def test_make_test_and_ci_install_the_packages_first():
     dry_run = subprocess.run(
         ["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
     ).stdout.splitlines()
-    setup = dry_run.index("scripts/install-system-packages nginx chromium wrk")
+    setup = dry_run.index("scripts/install-system-packages nginx chromium wrk curl")
     assert any(line.startswith(".venv/bin/python -m pytest") for line in dry_run[setup + 1:])
     ci = Path(ROOT / ".ci" / "run").read_text()
     assert "apt-get" not in ci and "exec make test" in ci
