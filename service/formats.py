@@ -92,8 +92,11 @@ def error_detail(exc):
 
 
 def _source(data):
-    """A model file's bytes as torch and zipfile read them; a path stays a path."""
-    return data if isinstance(data, str) else io.BytesIO(data)
+    """A model file's bytes, or its open file rewound, as torch and zipfile read them."""
+    if isinstance(data, (bytes, bytearray)):
+        return io.BytesIO(data)
+    data.seek(0)
+    return data
 
 
 def _is_torchscript(data):
@@ -204,20 +207,9 @@ def _load_torchscript(data):
     return module, metadata
 
 
-def _torch_load(data):
-    """``torch.load(weights_only=True)`` on the CPU; a file's tensors memory-mapped where its format
-    allows (torch's zip format; the legacy one is read into memory)."""
-    if not isinstance(data, str):
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if zipfile.is_zipfile(data):
-        return torch.load(data, map_location="cpu", weights_only=True, mmap=True)
-    with open(data, "rb") as file:
-        return torch.load(io.BytesIO(file.read()), map_location="cpu", weights_only=True)
-
-
 def _load_checkpoint(data, code_modules=()):
     try:
-        checkpoint = _torch_load(data)
+        checkpoint = torch.load(_source(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         # weights_only refuses any global it does not know: that is the point.
         refused = _UNPICKLING_GLOBAL.search(str(exc))
@@ -329,14 +321,14 @@ def _first(keys, shown=3):
 
 
 def read_model(data, allow_programs=False, code_modules=()):
-    """Build a CPU :class:`Classifier` and its metadata from the bytes of a model file (or from the
-    file at the path ``data``, whose weights are then memory-mapped).
+    """Build a CPU :class:`Classifier` and its metadata from the bytes of a model file, or from the
+    open file itself (read tensor by tensor, never held whole).
 
     Raises ModelFileError, saying why in one line, for anything that is not a model it can
     serve, and for a program (TorchScript) unless ``allow_programs``. A network from the project's
     own modules is built only when ``code_modules`` (MODEL_CODE_MODULES) allows its module.
     """
-    if not data or (isinstance(data, str) and not os.path.getsize(data)):
+    if not data if isinstance(data, (bytes, bytearray)) else not os.fstat(data.fileno()).st_size:
         raise ModelFileError("the file is empty")
     try:
         if _is_torchscript(data):
@@ -425,8 +417,8 @@ def read_model_file(path, allow_programs=False, max_size=Settings.MAX_MODEL_FILE
     """Read the model file, or MLflow model directory, at ``path`` into a :class:`ModelFile`;
     ModelFileError says why not. A directory's sha256 covers the names and contents of its files.
 
-    A file is hashed in chunks and its weights are memory-mapped (``torch.load(mmap=True)``)
-    through the same open file, so loading holds no second copy of it in memory.
+    A file is hashed in chunks and then loaded from the same open file, tensor by tensor: what is
+    loaded is what was hashed, and loading holds no second copy of the file in memory.
     """
     if Path(path).is_dir():
         files = read_directory(path, max_size)
@@ -437,14 +429,8 @@ def read_model_file(path, allow_programs=False, max_size=Settings.MAX_MODEL_FILE
         return ModelFile(classifier, metadata, directory_sha256(files), sum(len(data) for data in files.values()))
     with _open_regular(path, max_size) as file:
         _, sha256, size = _read_all(file, path, max_size, chunk=1 << 20)
-        # The open file itself, by its /proc name: what is mapped is what was hashed, even if the
-        # path is replaced meanwhile. Elsewhere (no /proc) the file is read into memory.
-        source = f"/proc/self/fd/{file.fileno()}"
-        if not os.path.exists(source):
-            file.seek(0)
-            source = _read_all(file, path, max_size)[0]
         try:
-            classifier, metadata = read_model(source, allow_programs, code_modules)
+            classifier, metadata = read_model(file, allow_programs, code_modules)
         except ModelFileError as exc:
             raise ModelFileError(f"{path}: {exc}") from None
     return ModelFile(classifier, metadata, sha256, size)

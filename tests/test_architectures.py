@@ -687,13 +687,13 @@ LOAD_MEMORY_SCRIPT = textwrap.dedent(
 
 
 def test_a_model_file_is_loaded_without_a_second_copy_in_memory(tmp_path):
-    """The weights are memory-mapped, not read into memory and then deserialised from a copy."""
+    """The weights are read tensor by tensor from the file, not read whole and then deserialised from a copy."""
     path = checkpoint(tmp_path / "m.pt", network("resnet18", classes=1000), architecture="torchvision:resnet18",
                       weights="ResNet18_Weights.IMAGENET1K_V1")
     result = subprocess.run([sys.executable, "-c", LOAD_MEMORY_SCRIPT, str(path)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    # The network itself (1x) and the mapped file's pages (1x); reading the bytes first made it 3x or more.
+    # The network itself (1x) and its weights as read (1x); reading the bytes first made it 3x or more.
     assert float(result.stdout) < 2.7, f"loading peaked at {float(result.stdout):.2f} x the file's size"
 
 
