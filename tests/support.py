@@ -3,6 +3,7 @@
 import http.server
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -131,6 +132,19 @@ class Server:
 
     def log(self):
         return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern, count=1, timeout=60):
+        """Poll the log until the regular expression ``pattern`` matches ``count`` times; return the log.
+
+        A worker writes a request's access line after the answer has gone out, so a client that
+        has its answer may look before the line is there.
+        """
+        deadline = time.monotonic() + timeout
+        while len(re.findall(pattern, log := self.log())) < count:
+            assert time.monotonic() < deadline, f"{pattern!r} not logged {count} times:\n{log}"
+            assert self.process.poll() is None, log
+            time.sleep(0.05)
+        return log
 
 
 def wait_until_ready(url, process, log_path, timeout=60.0, path="/health/ready"):

@@ -95,7 +95,7 @@ def test_version_and_probes_over_http(server, tiny_checkpoint):
 
 def test_each_worker_sets_its_torch_threads_and_logs_access(server):
     post(server, [(images.png(0), "0.png")])
-    log = server.log()
+    log = server.wait_for(r'"POST /api/v1/model/predict HTTP/1\.1" 200 ')
     workers = dict(THREADS_LINE.findall(log))
     assert len(workers) == 2, log  # two workers (run_gunicorn's default), one line each
     expected = max(1, (os.cpu_count() or 1) // 2)

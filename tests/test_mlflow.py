@@ -120,16 +120,6 @@ def assert_one_line_error(result, *fragments):
     return errors[0]
 
 
-def wait_for_log(server, text, count=1, timeout=60):
-    """Poll the server's log until ``text`` appears ``count`` times; return the log."""
-    deadline = time.monotonic() + timeout
-    while server.log().count(text) < count:
-        assert time.monotonic() < deadline, f"{text!r} not logged {count} times:\n{server.log()}"
-        assert server.process.poll() is None, server.log()
-        time.sleep(0.2)
-    return server.log()
-
-
 def nothing_served_in(models_dir, run_id):
     """True when no model of ``run_id`` (nor any half-download) is left under ``models_dir``."""
     return not (Path(models_dir) / run_id).exists() and not list(Path(models_dir).rglob("model.pt"))
@@ -263,7 +253,7 @@ def test_pred_model_uri_runs_fetches_once_serves_and_passes_its_start_up_check(t
         version = requests.get(f"{server.url}/api/v1/model/version", timeout=10).json()["data"]
         (name, data, _), = held_out_pngs()[:1]
         response = requests.post(f"{server.url}/api/v1/model/predict", files={"image_file": (name, data)}, timeout=30)
-        log = wait_for_log(server, "parity check passed", count=1)  # in the master, for both workers
+        log = server.wait_for("parity check passed", count=1)  # in the master, for both workers
     model_path = models_dir / trained_run / "model" / "model.pt"
     assert response.status_code == 200, response.text
     assert version["model_uuid"] == trained_run

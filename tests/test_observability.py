@@ -4,6 +4,7 @@ ids on every answer and every log line, and JSON log lines."""
 import hashlib
 import json
 import threading
+import time
 import uuid
 
 import pytest
@@ -207,7 +208,15 @@ def test_every_log_line_of_a_request_carries_its_id(json_logged):
         assert response.status_code == status
         sent.append(response.headers["X-Request-ID"])
 
-    records = [json.loads(line) for line in server.log().splitlines()]
+    # The worker writes a request's access line after the response has gone out: wait for the last.
+    deadline = time.monotonic() + 30
+    while True:
+        text = server.log()
+        records = [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+        if any(r["name"] == "gunicorn.access" and r.get("request_id") == sent[-1] for r in records):
+            break
+        assert time.monotonic() < deadline, "the last request's access line was never written"
+        time.sleep(0.05)
     first = next(i for i, r in enumerate(records) if r.get("request_id") == sent[0])
     last = max(i for i, r in enumerate(records) if r.get("request_id") == sent[-1])
     window = records[first : last + 1]

@@ -119,13 +119,6 @@ def wait_for(ask, good, server, timeout=ROLLOUT_SECONDS):
     return answer
 
 
-def wait_for_log(server, pattern, timeout=ROLLOUT_SECONDS):
-    deadline = time.monotonic() + timeout
-    while not re.search(pattern, server.log()):
-        assert time.monotonic() < deadline, f"{pattern!r} never logged:\n{server.log()}"
-        time.sleep(0.2)
-
-
 def rollouts(server, result):
     metrics = requests.get(server.url + "/metrics", timeout=10).text
     match = re.search(rf'^model_rollouts_total{{result="{result}"}} (\S+)$', metrics, re.MULTILINE)
@@ -168,7 +161,7 @@ def test_the_alias_is_followed_a_broken_version_refused_and_a_rollback_served(tr
         wait_for_version(server, v2)
 
         client.set_registered_model_alias(MODEL, ALIAS, v3)
-        wait_for_log(server, rf"rollout: refused {v3}, still serving {v2}: .*cannot be served")
+        server.wait_for(rf"rollout: refused {v3}, still serving {v2}: .*cannot be served")
         # The workers forked after the refusal know of it.
         version, data = wait_for(lambda: served_version(server), lambda answer: "rollout" in answer[1]
                                  and answer[1]["rollout"]["result"] == "refused", server)
@@ -225,7 +218,7 @@ def test_a_replaced_model_file_is_served_after_sighup_and_memory_stays_shared(tm
         pss_before = worker_pss(server)
 
         os.kill(server.process.pid, signal.SIGHUP)  # nothing changed: the same model goes on
-        wait_for_log(server, r"rollout: .* is still the model to serve")
+        server.wait_for(r"rollout: .* is still the model to serve")
         wait_for_version(server, before_version)
 
         versions = [before_version]

@@ -35,7 +35,6 @@ from tests.test_rollout import (
     rollouts,
     served_version,
     wait_for,
-    wait_for_log,
     wait_for_version,
 )
 
@@ -89,14 +88,14 @@ def test_a_version_with_no_model_or_too_big_a_model_is_refused_once_and_restarts
         booted = worker_boots(server)
 
         client.set_registered_model_alias(MODEL, ALIAS, empty)
-        wait_for_log(server, rf"rollout: refused {empty}, still serving {v1}: .*has no model/model.pt artifact")
+        server.wait_for(rf"rollout: refused {empty}, still serving {v1}: .*has no model/model.pt artifact")
         # Every worker, forked before the refusal, reports it: the version and why.
         rollout = wait_for(lambda: served_version(server)[1].get("rollout"), lambda r: r and r["version"] == empty, server)
         assert rollout["result"] == "refused" and "has no model/model.pt artifact" in rollout["reason"]
         time.sleep(POLL_SECONDS * 6)  # six more polls see the alias on the refused version
 
         client.set_registered_model_alias(MODEL, ALIAS, big)
-        wait_for_log(server, rf"rollout: refused {big}, still serving {v1}: .*over the limit of 8388608")
+        server.wait_for(rf"rollout: refused {big}, still serving {v1}: .*over the limit of 8388608")
         time.sleep(POLL_SECONDS * 6)
 
         assert worker_boots(server) == booted, server.log()  # no reload for a refused version
@@ -124,7 +123,7 @@ def test_a_version_whose_download_is_cut_off_is_tried_again_later_then_served(tr
         with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
             booted = worker_boots(server)
             client.set_registered_model_alias(MODEL, ALIAS, v2)
-            wait_for_log(server, rf"cannot fetch or check {v2} for now, still serving {v1}: .*bytes after the download")
+            server.wait_for(rf"cannot fetch or check {v2} for now, still serving {v1}: .*bytes after the download")
             assert worker_boots(server) == booted and served_version(server)[0] == v1
             assert wait_for(lambda: served_version(server)[1].get("rollout"), lambda r: r and r["version"] == v2,
                             server)["result"] == "failed"
@@ -155,8 +154,8 @@ def test_a_stopped_tracking_server_is_waited_for_then_the_new_version_served(tmp
             tracking_server = None
             # The alias moves while the server is down (straight in its store).
             MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}").set_registered_model_alias(MODEL, ALIAS, v2)
-            wait_for_log(server, r"cannot look for a new model: .*cannot reach the MLflow tracking server")
-            wait_for_log(server, r"looking again in \d+ s")
+            server.wait_for(r"cannot look for a new model: .*cannot reach the MLflow tracking server")
+            server.wait_for(r"looking again in \d+ s")
             time.sleep(POLL_SECONDS * 4)
             assert worker_boots(server) == booted, server.log()  # waiting costs no reload
             assert served_version(server)[0] == v1
@@ -247,7 +246,7 @@ def test_workers_that_fail_their_warm_up_after_a_rollout_are_started_again_with_
         torch.jit.save(torch.jit.script(SecondRunFails()), str(staged), _extra_files={"metadata.json": json.dumps(metadata)})
         os.replace(staged, path)
         os.kill(server.process.pid, signal.SIGHUP)  # checked in the master (its run passes), then workers fail
-        wait_for_log(server, r"has run before.*this worker exits in 2 s", timeout=120)
+        server.wait_for(r"has run before.*this worker exits in 2 s", timeout=120)
         assert server.process.poll() is None, server.log()  # the server stays up, and keeps trying
         log = server.log()
         assert "exited with code 1" in log and "Worker failed to boot" not in log, log
