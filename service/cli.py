@@ -80,21 +80,29 @@ def architectures_command():
 
 
 @model_cli.command("download")
-@click.argument("run_id")
-def download_command(run_id):
-    """Download an MLflow run's artifacts into MODELS_DIR/RUN_ID/ and print how to serve them.
+@click.argument("run_id_or_uri", metavar="RUN_ID|URI")
+def download_command(run_id_or_uri):
+    """Download a model from MLflow into MODELS_DIR and print how to serve it.
 
-    The tracking server, credentials and TLS options come from MLflow's own variables
-    (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, ...). Running it
-    again once the model is there does nothing.
+    RUN_ID|URI is a run id (its model/model.pt, or its MLflow model folder), or a model URI as
+    PRED_MODEL_URI takes it: runs:/<run id>/<path>, models:/<name>/<version>, models:/<name>@<alias>
+    or models:/<model id>. The tracking server, credentials and TLS options come from MLflow's
+    own variables (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, ...),
+    an object store's from its own (AWS_*, MLFLOW_S3_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS).
+    Running it again once the model is there does nothing.
     """
     from service import mlflow_store
 
+    config = current_app.config
+    options = {
+        "allow_programs": config["ALLOW_MODEL_PROGRAMS"], "max_size": config["MAX_MODEL_FILE_SIZE"],
+        "code_modules": config["MODEL_CODE_MODULES"],
+    }
     try:
-        path = mlflow_store.download_run(
-            run_id, current_app.config["MODELS_DIR"], allow_programs=current_app.config["ALLOW_MODEL_PROGRAMS"],
-            max_size=current_app.config["MAX_MODEL_FILE_SIZE"], code_modules=current_app.config["MODEL_CODE_MODULES"],
-        )
+        if run_id_or_uri.startswith(("runs:/", "models:/")):
+            path = mlflow_store.fetch_model_uri(run_id_or_uri, config["MODELS_DIR"], **options).path
+        else:
+            path = mlflow_store.download_run(run_id_or_uri, config["MODELS_DIR"], **options)
     except mlflow_store.FetchError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"export PRED_MODEL_PATH={shlex.quote(str(path))}")

@@ -8,8 +8,16 @@ is the folder renamed into place. A broken transfer therefore never leaves a mod
 The tracking server is ``MLFLOW_TRACKING_URI``, else the local one (``config.settings.tracking_uri``);
 MLflow reads its other variables itself (``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD``,
 ``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_INSECURE_TLS``...).
+
+Artifacts that the tracking server does not proxy are read straight from their store, as MLflow's
+own client does: S3 and S3-compatible stores (ECS, MinIO, Ceph) with boto3 and the ``AWS_*``,
+``MLFLOW_S3_ENDPOINT_URL`` and ``MLFLOW_S3_IGNORE_TLS`` variables, GCS with google-cloud-storage
+and ``GOOGLE_APPLICATION_CREDENTIALS``. Their errors become one line naming the variable to check
+(:func:`_store_problem`), and their transfers time out (:func:`_bound_object_store_waits`).
 """
 
+import functools
+import hashlib
 import logging
 import os
 import re
@@ -23,7 +31,12 @@ from urllib.parse import urlsplit
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+from mlflow.environment_variables import (
+    MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT,
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
+    MLFLOW_S3_ENDPOINT_URL,
+)
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
@@ -41,6 +54,22 @@ _URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 # Unreachable servers should fail in seconds: MLflow's own client retries for minutes.
 PROBE_TIMEOUT_S = 10
 _AUTH_ERRORS = {"UNAUTHENTICATED": "refused the credentials", "PERMISSION_DENIED": "denied access"}
+# A signed URL's query (S3 presigned, GCS signed) is a credential for as long as it lives.
+_SIGNED_QUERY = re.compile(r"\?[^\s'\"]*(?:signature|x-amz-|x-goog-|sig=|token=)[^\s'\"]*", re.IGNORECASE)
+# Secrets the object stores' clients read from the environment: never shown.
+_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN")
+# An object store that accepts a connection and never answers must not hold a fetch for long:
+# botocore's own default is 60 s per read, three attempts.
+OBJECT_STORE_TIMEOUT_S = 60
+OBJECT_STORE_CONNECT_TIMEOUT_S = 10
+_S3_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+    "AuthorizationHeaderMalformed", "InvalidClientTokenId", "UnrecognizedClientException", "401", "403",
+}
+_S3_CONNECTION_ERRORS = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ProxyConnectionError", "ConnectionError", "ResponseStreamingError",
+}
 
 
 class FetchError(RuntimeError):
@@ -69,12 +98,18 @@ class ModelRefused(FetchError):
 
 @dataclass(frozen=True)
 class FetchedModel:
-    """A model file on local disk and the MLflow run (and registered version) it came from."""
+    """A model file on local disk and the MLflow run (and registered version) it came from.
+
+    ``run_id`` is the run that logged it; for a model with no run (a logged model without one, a
+    version registered from a storage path) the id of the folder it was saved in. ``source`` is
+    where it was fetched from (``runs:/...``, ``models:/m-...``, ``s3://...``), as shown to people.
+    """
 
     path: Path
     run_id: str
     model_name: str | None = None
     model_version: str | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,8 +126,16 @@ class Tracking:
 
 
 def shown_uri(uri):
-    """``uri`` with any ``user:password@`` removed, fit for messages and logs."""
-    return _URI_CREDENTIALS.sub("", str(uri))
+    """``uri`` with any ``user:password@`` and signed query removed, fit for messages and logs."""
+    return _SIGNED_QUERY.sub("", _URI_CREDENTIALS.sub("", str(uri)))
+
+
+def _without_secrets(text):
+    """``text`` with the MLflow password and the object stores' secret keys replaced by ``***``."""
+    for secret in (read_mlflow_creds().password, *(os.environ.get(name) for name in _SECRET_VARIABLES)):
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
 
 
 def first_line(exc):
@@ -103,10 +146,7 @@ def first_line(exc):
     if line.endswith(":") and len(lines) > 1:
         line = f"{line} {' '.join(lines[1:3])}"  # e.g. "failures occurred ...:" then the file and its error
     line = re.sub(r"^[A-Z_]+: ", "", line)
-    password = read_mlflow_creds().password
-    if password:
-        line = line.replace(password, "***")
-    line = shown_uri(line)
+    line = shown_uri(_without_secrets(line))
     if len(line) > 300:
         # Whole sentences, else whole words: a line cut mid-URL or mid-word reads as a different error.
         cut = line[:300]
@@ -125,6 +165,117 @@ def _connection_problem(exc):
         if words.lower() in text.lower():
             return words.lower()
     return first_line(cause)
+
+
+def _causes(exc):
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _s3_endpoint():
+    return shown_uri(MLFLOW_S3_ENDPOINT_URL.get() or "AWS S3 (no MLFLOW_S3_ENDPOINT_URL)")
+
+
+def _store_problem(exc):
+    """One line naming the variable to check, for an error from an object store's client (S3 with
+    botocore, GCS with google-cloud-storage); None for any other error."""
+    s3 = "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    for cause in _causes(exc):
+        kind, module = type(cause).__name__, type(cause).__module__
+        if isinstance(cause, ModuleNotFoundError) and (cause.name or "").split(".")[0] in ("boto3", "botocore", "google"):
+            needed = "google-cloud-storage (gs://)" if cause.name.startswith("google") else "boto3 (s3://)"
+            return f"reading this artifact store needs {needed}: pip install -r requirements.txt"
+        if module.startswith("botocore"):
+            if kind in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+                return f"no credentials for the S3 store at {_s3_endpoint()}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            if kind == "ClientError":
+                error = getattr(cause, "response", {}).get("Error", {})
+                code = str(error.get("Code", ""))
+                if code in _S3_CREDENTIAL_CODES:
+                    return f"the S3 store at {_s3_endpoint()} refused the credentials ({code}): {s3}"
+                if code == "NoSuchBucket":
+                    bucket = error.get("BucketName") or "named in the artifact location"
+                    return f"the S3 store at {_s3_endpoint()} has no bucket {bucket}: check MLFLOW_S3_ENDPOINT_URL"
+            if kind == "SSLError":
+                return (
+                    f"TLS with the S3 store at {_s3_endpoint()} failed: for a private endpoint set "
+                    "MLFLOW_S3_IGNORE_TLS=true or AWS_CA_BUNDLE"
+                )
+            if kind in _S3_CONNECTION_ERRORS:
+                return f"cannot reach the S3 store at {_s3_endpoint()}: {_connection_problem(cause)} (check MLFLOW_S3_ENDPOINT_URL)"
+        if module.startswith("google"):
+            gcs = "check GOOGLE_APPLICATION_CREDENTIALS"
+            if "Anonymous credentials" in str(cause):  # no key found: Google's client went on without one
+                return "GCS refused access without credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service account key"
+            if kind in ("DefaultCredentialsError", "RefreshError", "Unauthorized"):
+                return f"GCS refused the credentials ({kind}): {gcs}"
+            if kind == "Forbidden":
+                return f"GCS denied access (Forbidden): {gcs} and the account's permissions on the bucket"
+    # MLflow's parallel downloads report their workers' errors as text only.
+    text = str(exc)
+    if match := re.search(r"\((InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|ExpiredToken|InvalidToken|403)\)", text):
+        return f"the S3 store at {_s3_endpoint()} refused the credentials ({match.group(1)}): {s3}"
+    if "Unable to locate credentials" in text:
+        return f"no credentials for the S3 store at {_s3_endpoint()}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if re.search(r"(Could not connect to|Connect timeout on|Read timeout on) (the )?endpoint URL", text):
+        return f"cannot reach the S3 store at {_s3_endpoint()} (check MLFLOW_S3_ENDPOINT_URL)"
+    return None
+
+
+def _store_shown(location, tracking):
+    """Where files at ``location`` come from, for the log: an object store, else the tracking server."""
+    parts = urlsplit(location)
+    if parts.scheme in ("s3", "gs"):
+        endpoint = MLFLOW_S3_ENDPOINT_URL.get() if parts.scheme == "s3" else os.environ.get("STORAGE_EMULATOR_HOST")
+        return f"{parts.scheme}://{parts.netloc}" + (f" at {shown_uri(endpoint)}" if endpoint else "")
+    return tracking.shown
+
+
+def _prepare_store(location):
+    """Before files at ``location`` are listed or fetched: bound the object store's waits, and
+    check that a GCS key file named by GOOGLE_APPLICATION_CREDENTIALS is there (else Google's
+    client quietly falls back to anonymous access, and a private bucket answers 401)."""
+    scheme = urlsplit(location).scheme
+    if scheme == "s3":
+        _bound_s3_waits()
+    key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if scheme == "gs" and key_file and not (os.path.isfile(key_file) and os.access(key_file, os.R_OK)):
+        raise FetchError(
+            f"GOOGLE_APPLICATION_CREDENTIALS names {key_file}, which is not a readable file: point it at the "
+            "service account's JSON key (in Kubernetes, where the secret is mounted)"
+        )
+
+
+@functools.cache
+def _bound_s3_waits():
+    """Make every S3 client MLflow creates give up on a silent endpoint: ``connect_timeout``,
+    ``read_timeout`` and attempts, set once on boto3's default session (which MLflow's clients
+    come from) and merged under MLflow's own client options.
+
+    The read timeout is MLflow's MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT (its GCS client already
+    obeys it), else OBJECT_STORE_TIMEOUT_S; -1 leaves botocore's defaults. Two attempts, unless
+    AWS_MAX_ATTEMPTS says otherwise. Without boto3 there is nothing to bound: the fetch itself
+    then says what to install.
+    """
+    try:
+        import boto3
+        import botocore.session
+        from botocore.config import Config
+    except ImportError:
+        return
+    timeout = MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT.get() or OBJECT_STORE_TIMEOUT_S
+    if timeout == -1:
+        return
+    options = {"connect_timeout": min(OBJECT_STORE_CONNECT_TIMEOUT_S, timeout), "read_timeout": timeout}
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        options["retries"] = {"total_max_attempts": 2}
+    session = botocore.session.get_session()
+    session.set_default_client_config(Config(**options))
+    boto3.setup_default_session(botocore_session=session)
 
 
 def _probe(uri, create=False):
@@ -192,7 +343,10 @@ def connect(tracking_uri=None, create=False):
 
 
 def _failure(exc, tracking, subject):
-    """Turn an MLflow error about ``subject`` into a one-line FetchError."""
+    """Turn an MLflow (or artifact store) error about ``subject`` into a one-line FetchError."""
+    problem = _store_problem(exc)
+    if problem:
+        return FetchError(f"{subject}: {problem}")
     code = getattr(exc, "error_code", None)
     if code == "RESOURCE_DOES_NOT_EXIST":
         return FetchError(f"{subject} not found on the MLflow tracking server at {tracking.shown}", permanent=True)
@@ -350,6 +504,47 @@ def _check_size(files, max_size, subject):
     return total
 
 
+def _fetch_into(
+    models_dir, key, subject, files, *, check, installed, download, origin, max_size, allow_programs, code_modules,
+    progress=False,
+):
+    """Download ``files`` (listed as {path: size}) of ``subject`` into ``<models_dir>/<key>/``: into a
+    hidden staging folder first, checked (every file whole, the model at ``check`` loads as the
+    service would load it), then moved into place in one rename (``installed`` names the file whose
+    presence means a finished copy). ``download(staging)`` makes the transfer and returns the
+    folder it filled; ``progress`` shows MLflow's progress bar meanwhile. Returns the folder."""
+    target = Path(models_dir) / key
+    total = _check_size(files, max_size, subject)
+    with _staging(models_dir, key) as staging:
+        log.info("downloading %s from %s: %d file(s), %s, into %s", subject, origin, len(files), _size(total), target)
+        try:
+            with _artifacts_progress_bar(progress):
+                downloaded = Path(download(staging))
+        except Exception as exc:  # MlflowException, OSError, and whatever the artifact store's client raises
+            raise FetchError(f"downloading {subject} failed: {_store_problem(exc) or first_line(exc)}") from None
+        try:
+            classifier, metadata = _check_download(downloaded, files, check, allow_programs, max_size, code_modules)
+        except FetchError as exc:
+            raise type(exc)(f"{subject}: {exc}") from None
+        try:
+            downloaded.chmod(0o755)  # what MLflow made is private; the server may run as another user
+            _install(downloaded, target, installed)
+        except OSError as exc:
+            raise FetchError(f"cannot move {subject} into {target}: {exc.strerror}") from None
+    log.info("checked and saved %s (%s, %d labels)", target, metadata["architecture"], len(classifier.labels))
+    return target
+
+
+def _already_there(models_dir, key, *names):
+    """The first of ``names`` (paths inside ``<models_dir>/<key>``) that a finished download left, or None."""
+    for name in names:
+        found = Path(models_dir) / key / name
+        if found.is_file():
+            _check_inside(found, models_dir)
+            return found
+    return None
+
+
 def download_run(
     run_id, models_dir, artifact=MODEL_ARTIFACT, tracking=None, tracking_uri=None, progress=True, allow_programs=False,
     max_size=settings.Settings.MAX_MODEL_FILE_SIZE, code_modules=(),
@@ -367,16 +562,16 @@ def download_run(
     ModelRefused (a FetchError) when the model is missing, over ``max_size`` (MAX_MODEL_FILE_SIZE,
     checked on the listed sizes before the transfer) or does not load.
     """
-    target_file = local_model_path(models_dir, run_id, artifact)
-    target = Path(models_dir) / run_id
+    check_run_id(run_id)
     folder = _model_folder(artifact)
-    if target_file.is_file() or (target / folder / MLMODEL).is_file():
-        found = target_file if target_file.is_file() else target / folder
-        _check_inside(found, models_dir)
+    found = _already_there(models_dir, run_id, artifact, f"{folder}/{MLMODEL}")
+    if found is not None:
+        found = found if found.name != MLMODEL else found.parent
         log.info("run %s is already downloaded: %s", run_id, found)
         return found
     tracking = tracking or connect(tracking_uri)
-    get_run(tracking, run_id)
+    run = get_run(tracking, run_id)
+    _prepare_store(run.info.artifact_uri)
     # Only the folder the model is in is listed: a run may hold gigabytes of other artifacts.
     parent = artifact.rpartition("/")[0] or None
     try:
@@ -392,36 +587,22 @@ def download_run(
                 raise _failure(exc, tracking, f"artifacts of run {run_id}") from None
         listed = ", ".join(sorted(listed_files)[:8]) or "no artifacts at all"
         raise ModelRefused(f"run {run_id} has no {artifact} artifact (it has {listed})")
-    installed = artifact
-    if artifact not in files:  # an MLflow model directory
-        artifact, target_file, installed = folder, target / folder, f"{folder}/{MLMODEL}"
-    total = _check_size(files, max_size, f"the model of run {run_id} ({artifact})")
-    with _staging(models_dir, run_id) as staging:
-        log.info(
-            "downloading run %s from %s: %d file(s), %s, into %s",
-            run_id, tracking.shown, len(files), _size(total), target,
+    model, installed = (artifact, artifact) if artifact in files else (folder, f"{folder}/{MLMODEL}")
+
+    def download(staging):
+        # MLflow puts the last part of the path in dst_path: the file, or the model's folder.
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=model, dst_path=str(staging / model.rpartition("/")[0]),
+            tracking_uri=tracking.uri,
         )
-        try:
-            with _artifacts_progress_bar(progress):
-                # MLflow puts the last part of the path in dst_path: the file, or the model's folder.
-                mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=artifact, dst_path=str(staging / artifact.rpartition("/")[0]),
-                    tracking_uri=tracking.uri,
-                )
-        except Exception as exc:  # MlflowException, OSError, and whatever the artifact store's client raises
-            raise FetchError(f"downloading {artifact} of run {run_id} failed: {first_line(exc)}") from None
-        try:
-            classifier, metadata = _check_download(staging, files, artifact, allow_programs, max_size, code_modules)
-        except FetchError as exc:
-            raise type(exc)(f"run {run_id}: {exc}") from None
-        try:
-            _install(staging, target, installed)
-        except OSError as exc:
-            raise FetchError(f"cannot move run {run_id} into {target}: {exc.strerror}") from None
-    log.info(
-        "checked and saved %s (%s, %d labels)", target_file, metadata["architecture"], len(classifier.labels)
+        return staging
+
+    target = _fetch_into(
+        models_dir, run_id, f"run {run_id} ({model})", files, check=model, installed=installed, download=download,
+        origin=_store_shown(run.info.artifact_uri, tracking), max_size=max_size, allow_programs=allow_programs,
+        code_modules=code_modules, progress=progress,
     )
-    return target_file
+    return target / model
 
 
 def _model_folder(artifact):
@@ -487,55 +668,103 @@ def fetch_model_uri(
     uri, models_dir, tracking_uri=None, allow_programs=False, max_size=settings.Settings.MAX_MODEL_FILE_SIZE,
     code_modules=(),
 ):
-    """Fetch the model a ``runs:/`` or ``models:/`` URI names into ``<models_dir>/<run_id>/`` (once).
+    """Fetch the model a ``runs:/`` or ``models:/`` URI names into ``<models_dir>/<key>/`` (once).
 
-    ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` are resolved to their run on the
-    tracking server; a ``runs:/`` URI already on disk needs no server at all. This is the
-    start-up and rollout path (the gunicorn master): MLflow's progress bar stays off, as it is
-    not log output.
+    ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` are resolved on the tracking server
+    to what the version was registered from: a run's artifact, an MLflow 3 logged model, or a
+    storage path with no run (``s3://...``, ``gs://...``: the version's download URI). A ``runs:/``
+    URI already on disk needs no server at all. This is the start-up and rollout path (the
+    gunicorn master): MLflow's progress bar stays off, as it is not log output.
     """
+    options = {"allow_programs": allow_programs, "max_size": max_size, "code_modules": code_modules}
     kind, name, detail = _parse_uri(uri)
     if kind == "runs":
-        path = download_run(
-            name, models_dir, detail, tracking_uri=tracking_uri, progress=False, allow_programs=allow_programs,
-            max_size=max_size, code_modules=code_modules,
-        )
-        return FetchedModel(path, name)
+        path = download_run(name, models_dir, detail, tracking_uri=tracking_uri, progress=False, **options)
+        return FetchedModel(path, name, source=uri)
     if kind == "logged":
-        return download_logged_model(
-            name, models_dir, tracking_uri=tracking_uri, allow_programs=allow_programs, max_size=max_size,
-            code_modules=code_modules,
-        )
+        return download_logged_model(name, models_dir, tracking_uri=tracking_uri, **options)
     alias, number = detail
     tracking = connect(tracking_uri)
     version = _registered_version(tracking, uri, name, alias, number)
-    logged_id = (version.source or "")[len("models:/"):] if (version.source or "").startswith("models:/") else ""
-    if _MODEL_ID.match(logged_id):
-        # MLflow 3: the version is a logged model (mlflow.<flavor>.log_model), not a run's artifact.
-        try:
-            fetched = download_logged_model(
-                logged_id, models_dir, tracking, allow_programs=allow_programs, max_size=max_size,
-                code_modules=code_modules,
-            )
-        except FetchError as exc:
-            exc.version = str(version.version)
-            raise
-        log.info("%s is version %s of %s, logged model %s", uri, version.version, name, logged_id)
-        return FetchedModel(fetched.path, fetched.run_id, name, str(version.version))
-    if not version.run_id:
-        refused = ModelRefused(f"{uri}: version {version.version} of {name} has no run to fetch the model from")
-        refused.version = str(version.version)
-        raise refused
+    source = version.source or ""
+    logged_id = source[len("models:/"):] if source.startswith("models:/") else ""
     try:
-        path = download_run(
-            version.run_id, models_dir, _artifact_of_version(tracking, version), tracking, progress=False,
-            allow_programs=allow_programs, max_size=max_size, code_modules=code_modules,
-        )
+        if _MODEL_ID.match(logged_id):
+            # MLflow 3: the version is a logged model (mlflow.<flavor>.log_model), not a run's artifact.
+            fetched = download_logged_model(logged_id, models_dir, tracking, **options)
+            run_id, path, came_from = fetched.run_id, fetched.path, f"logged model {logged_id}"
+        elif version.run_id:
+            run_id = version.run_id
+            path = download_run(
+                run_id, models_dir, _artifact_of_version(tracking, version), tracking, progress=False, **options
+            )
+            came_from = f"run {run_id}"
+        else:
+            run_id, path = download_version_source(tracking, name, str(version.version), models_dir, **options)
+            came_from = shown_uri(source)
     except FetchError as exc:
         exc.version = str(version.version)
         raise
-    log.info("%s is version %s of %s, from run %s", uri, version.version, name, version.run_id)
-    return FetchedModel(path, version.run_id, name, str(version.version))
+    log.info("%s is version %s of %s, from %s", uri, version.version, name, came_from)
+    return FetchedModel(path, run_id, name, str(version.version), shown_uri(source) or None)
+
+
+def _source_key(name, version, location):
+    """The folder a version with no run is saved in: readable, and different for another location."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-_")[:80] or "model"
+    digest = hashlib.sha256(location.encode()).hexdigest()[:12]
+    return f"{readable}-v{version}-{digest}"
+
+
+def download_version_source(
+    tracking, name, version, models_dir, allow_programs=False, max_size=settings.Settings.MAX_MODEL_FILE_SIZE,
+    code_modules=(),
+):
+    """Download version ``version`` of registered model ``name`` that has no run: registered from a
+    storage path (``create_model_version(name, source="s3://.../model")``, ``mlflow.register_model("gs://...")``).
+
+    The files come from the version's download URI, as MLflow resolves it; the folder there holds
+    the service's ``model.pt`` or an MLflow model directory (``MLmodel``). Saved into
+    ``<models_dir>/<name>-v<version>-<digest of the location>/`` like any other download, and reused
+    from there. Returns (that folder's name, the model's path).
+    """
+    try:
+        location = tracking.client.get_model_version_download_uri(name, version)
+    except Exception as exc:
+        raise _failure(exc, tracking, f"the location of version {version} of {name}") from None
+    key = _source_key(name, version, location)
+    found = _already_there(models_dir, key, MODEL_FILE, MLMODEL)
+    if found is not None:
+        found = found if found.name != MLMODEL else found.parent
+        log.info("version %s of %s is already downloaded: %s", version, name, found)
+        return key, found
+    subject = f"version {version} of {name} ({shown_uri(location)})"
+    _prepare_store(location)
+    try:
+        repository = get_artifact_repository(location, tracking_uri=tracking.uri)
+        listed = _list_files(lambda _, path: repository.list_artifacts(path), None)
+    except Exception as exc:
+        raise _failure(exc, tracking, subject) from None
+    files = {MODEL_FILE: listed[MODEL_FILE]} if MODEL_FILE in listed else listed if MLMODEL in listed else None
+    if files is None:
+        shown = ", ".join(sorted(listed)[:8]) or "nothing at all"
+        raise ModelRefused(f"{subject} has neither {MODEL_FILE} nor an MLflow model ({MLMODEL}): it has {shown}")
+    model, installed = (MODEL_FILE, MODEL_FILE) if MODEL_FILE in files else (".", MLMODEL)
+
+    def download(staging):
+        if model == MODEL_FILE:
+            repository.download_artifacts(MODEL_FILE, dst_path=str(staging))
+        else:
+            for path in files:  # only the listed files: what was checked against the size limit
+                repository.download_artifacts(path, dst_path=str(staging))
+        return staging
+
+    target = _fetch_into(
+        models_dir, key, subject, files, check=model, installed=installed, download=download,
+        origin=_store_shown(location, tracking), max_size=max_size, allow_programs=allow_programs,
+        code_modules=code_modules,
+    )
+    return key, target / model if model == MODEL_FILE else target
 
 
 def download_logged_model(
@@ -550,17 +779,17 @@ def download_logged_model(
     is the run that logged the model (or the model id when there is none).
     """
     check_run_id(model_id)
-    target = Path(models_dir) / model_id
     tracking = tracking or connect(tracking_uri)
     try:
         logged = tracking.client.get_logged_model(model_id)
     except Exception as exc:
         raise _failure(exc, tracking, f"logged model {model_id}") from None
-    run_id = logged.source_run_id or model_id
-    if (target / MLMODEL).is_file():
-        _check_inside(target, models_dir)
-        log.info("logged model %s is already downloaded: %s", model_id, target)
-        return FetchedModel(target, run_id)
+    run_id, source = logged.source_run_id or model_id, f"models:/{model_id}"
+    found = _already_there(models_dir, model_id, MLMODEL)
+    if found is not None:
+        log.info("logged model %s is already downloaded: %s", model_id, found.parent)
+        return FetchedModel(found.parent, run_id, source=source)
+    _prepare_store(logged.artifact_location)
     try:
         files = _list_files(tracking.client.list_logged_model_artifacts, model_id)
     except Exception as exc:
@@ -568,28 +797,16 @@ def download_logged_model(
     if MLMODEL not in files:
         listed = ", ".join(sorted(files)[:8]) or "no artifacts at all"
         raise ModelRefused(f"logged model {model_id} has no {MLMODEL} (it has {listed})")
-    total = _check_size(files, max_size, f"logged model {model_id}")
-    with _staging(models_dir, model_id) as staging:
-        log.info(
-            "downloading logged model %s from %s: %d file(s), %s, into %s",
-            model_id, tracking.shown, len(files), _size(total), target,
+
+    def download(staging):
+        # The model's files land in a folder named after the last part of its location.
+        return mlflow.artifacts.download_artifacts(
+            artifact_uri=logged.artifact_location, dst_path=str(staging), tracking_uri=tracking.uri
         )
-        try:
-            with _artifacts_progress_bar(False):
-                # The model's files land in a folder named after the last part of its location.
-                downloaded = Path(mlflow.artifacts.download_artifacts(
-                    artifact_uri=logged.artifact_location, dst_path=str(staging), tracking_uri=tracking.uri
-                ))
-        except Exception as exc:
-            raise FetchError(f"downloading logged model {model_id} failed: {first_line(exc)}") from None
-        try:
-            classifier, metadata = _check_download(downloaded, files, ".", allow_programs, max_size, code_modules)
-        except FetchError as exc:
-            raise type(exc)(f"logged model {model_id}: {exc}") from None
-        try:
-            downloaded.chmod(0o755)
-            _install(downloaded, target, MLMODEL)
-        except OSError as exc:
-            raise FetchError(f"cannot move logged model {model_id} into {target}: {exc.strerror}") from None
-    log.info("checked and saved %s (%s, %d labels)", target, metadata["architecture"], len(classifier.labels))
-    return FetchedModel(target, run_id)
+
+    target = _fetch_into(
+        models_dir, model_id, f"logged model {model_id}", files, check=".", installed=MLMODEL, download=download,
+        origin=_store_shown(logged.artifact_location, tracking), max_size=max_size, allow_programs=allow_programs,
+        code_modules=code_modules,
+    )
+    return FetchedModel(target, run_id, source=source)

@@ -78,7 +78,11 @@ class RolloutSchema(ma.Schema):
 class ModelVersionSchema(ma.Schema):
     """What is being served, and where it came from."""
 
-    model_uuid = ma.fields.String(allow_none=True, metadata={"description": "MLflow run id of the model."})
+    model_uuid = ma.fields.String(
+        allow_none=True,
+        metadata={"description": "MLflow run id of the model; for a model with no run, the id of the folder it "
+                                 "was fetched into (a logged model's id, or <name>-v<version>-<digest>)."},
+    )
     model_path = ma.fields.String(metadata={"description": "The weights file being served."})
     sha256 = ma.fields.String(metadata={"description": "SHA-256 of the weights file."})
     architecture = ma.fields.String()
@@ -89,6 +93,11 @@ class ModelVersionSchema(ma.Schema):
     model_uri = ma.fields.String(allow_none=True, metadata={"description": "PRED_MODEL_URI, when served from MLflow."})
     model_name = ma.fields.String(allow_none=True, metadata={"description": "Registered model name, if any."})
     model_version = ma.fields.String(allow_none=True, metadata={"description": "Registered model version, if any."})
+    model_source = ma.fields.String(
+        allow_none=True,
+        metadata={"description": "Where the model was fetched from: runs:/..., models:/m-... (a logged model) or a "
+                                 "storage path such as s3://... (credentials and signed queries removed)."},
+    )
     rollout = ma.fields.Nested(
         RolloutSchema, metadata={"description": "The last rollout's outcome; absent until the first rollout."}
     )

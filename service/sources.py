@@ -100,6 +100,7 @@ class MlflowSource:
                 "model_uri": self.uri,
                 "model_name": fetched.model_name,
                 "model_version": fetched.model_version,
+                "model_source": fetched.source,
             },
         )
 

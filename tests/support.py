@@ -205,15 +205,19 @@ def run_gunicorn(tmp_path, env=None, workers=2, ready=True, timeout=60.0):
 
 
 @contextmanager
-def mlflow_server(store, env=None, app_name=None, port=None):
+def mlflow_server(store, env=None, app_name=None, port=None, artifact_root=None):
     """Run ``mlflow server`` as ``make mlflow`` does, on a free loopback port (or ``port``) with its
-    store in ``store``.
+    store in ``store``; with ``artifact_root`` (``s3://...``, ``gs://...``), runs keep their artifacts
+    there and the server does not proxy them: clients read and write the store themselves.
 
     The server is always stopped.
     """
     store.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     command = demo.tracking_server_command(store, "127.0.0.1", port)
+    if artifact_root:
+        proxied = command.index("--artifacts-destination")
+        command[proxied:proxied + 3] = ["--default-artifact-root", artifact_root, "--no-serve-artifacts"]
     if app_name:
         command += ["--app-name", app_name]
     environment = {**os.environ, **demo.TRACKING_SERVER_ENV, **(env or {})}
