@@ -51,7 +51,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import photos  # noqa: E402
+from bench import engines, photos  # noqa: E402
 from bench.floors import single_threaded_model  # noqa: E402
 from config.settings import child_environment, server_from_env  # noqa: E402
 from service.architectures import DigitCNN  # noqa: E402
@@ -66,6 +66,7 @@ FLOORS = (
     ("model", "bench.floors:model_floor", "floor: bare Flask view + the model's calls"),
 )
 NGINX_LABEL = "through nginx (deploy/nginx.conf), 1 image per request"
+ONNX_LABEL = "INFERENCE_ENGINE=auto (ONNX Runtime), 1 image per request"
 PREDICT = "/api/v1/model/predict"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # Between BEGIN and END, the photos' report follows this line: `--photos-only` rewrites it alone.
@@ -934,6 +935,16 @@ def bench_digits(args):
             print(f"wrk: the model floor and the service taking turns, {args.pair_rounds} rounds ...", flush=True)
             paired = measure_paired({"model": model_floor, "service": server}, 8, png_path, args.pair_duration,
                                     args.pair_rounds)
+        # The same service with ONNX Runtime running the network: what the engine is worth as served.
+        with Gunicorn(folder / "gunicorn-onnx.log", args.workers, model_path=model_path,
+                      env={"INFERENCE_ENGINE": "auto"}) as onnx_server:
+            for connections in side:
+                print(f"wrk: {ONNX_LABEL}, {connections} connection(s) ...", flush=True)
+                run = measure_http(onnx_server, connections, png_path, 1, args.duration, label=ONNX_LABEL)
+                run.ratio = run.images_per_s / limits[1].images_per_s
+                proxied.append(run)
+        print("the engines side by side, in this process ...", flush=True)
+        engine_pairs = engines.measure(model_path, png)
     load_after = os.getloadavg()
 
     floor_runs = [run for by_concurrency in floors.values() for run in by_concurrency.values()]
@@ -943,7 +954,10 @@ def bench_digits(args):
                   next((run for run in proxied if run.concurrency == 8), None), limits[1], at8)
     own = next((ms for part, ms, _ in parts if part.startswith("the service's own")), None)
     verdicts, all_met = targets(http, limits, own, [*floor_runs, *paired["model"], *paired["service"]])
-    print("\n" + results + "\n\n" + split_table(parts) + "\n\n" + verdicts)
+    engine_lines, engines_met = engines.verdicts(engine_pairs)
+    verdicts = "\n".join([verdicts, *engine_lines])
+    all_met = all_met and engines_met
+    print("\n" + results + "\n\n" + split_table(parts) + "\n\n" + engines.table(engine_pairs) + "\n\n" + verdicts)
     plot(http, limits, args.plot)
     body = "\n\n".join([
         "## Latest run",
@@ -963,6 +977,11 @@ def bench_digits(args):
         "### Where a one-image request's CPU goes (concurrency 8, this run)",
         split_table(parts) if parts else "(needs the floors and the service at concurrency 8)",
         f"![Throughput and p99 latency against concurrency]({args.plot.resolve().relative_to(args.output.resolve().parent)})",
+        "### The engines (INFERENCE_ENGINE)",
+        "The service rows above run with the default engine, `torch` (eager PyTorch, as the no-HTTP limit). "
+        f"The row \"{ONNX_LABEL}\" is the same service with ONNX Runtime running the service's own export. Below, in this process with one thread (bench/engines.py): the forward pass "
+        "alone and the model's calls for one digit, with each engine.",
+        engines.table(engine_pairs),
         "### Targets",
         verdicts,
     ])

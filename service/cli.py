@@ -9,7 +9,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from config.settings import ConfigError, gunicorn_binds, tracking_uri
-from service import architectures, demo
+from service import architectures, demo, engines
 from service.formats import ModelFileError, read_model_file
 from service.registry import ModelLoadError, ModelRegistry
 from service.training import DEFAULT_EXPERIMENT, TrainConfig
@@ -47,8 +47,21 @@ def describe(model):
         "preprocess": spec.describe(),
         "label_count": len(classifier.labels),
         "labels": list(classifier.labels),
+        "engine": _engine(model),
         "file": {"size": model.size, "sha256": model.sha256},
     }
+
+
+def _engine(model):
+    """The engine the service would run ``model`` on, under INFERENCE_ENGINE, and why."""
+    config = current_app.config
+    try:
+        choice = engines.choose(
+            model.classifier, model.metadata["architecture"], config["INFERENCE_ENGINE"], config["MAX_FILES"]
+        )
+    except engines.EngineError as exc:
+        return {"engine": None, "why": str(exc)}
+    return {"engine": choice.engine, "why": choice.reason}
 
 
 def code_source(name, code_modules):

@@ -180,7 +180,7 @@ def post_fork(server, worker):
         sys.exit(WORKER_RETRY_EXIT)
     boots.started()
     info = registry.current.info
-    observability.record_model(info.get("model_uuid"), info["sha256"], info["device"])
+    observability.record_model(info.get("model_uuid"), info["sha256"], info["device"], info.get("engine", "torch"))
 
 
 def pre_request(worker, req):

@@ -29,6 +29,13 @@ class Classifier:
     labels: tuple[str, ...]
     input_spec: InputSpec = field(default_factory=InputSpec)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # What runs the forward pass instead of ``module`` (an engines.OnnxRunner), when one does.
+    runner: object = None
+
+    @property
+    def engine(self):
+        """``onnxruntime`` when a runner answers, else ``torch``."""
+        return "onnxruntime" if self.runner is not None else "torch"
 
     def forward(self, batch):
         """Return class probabilities for a NxCxHxW batch in one forward pass.
@@ -36,7 +43,10 @@ class Classifier:
         The network may end in logits or log-probabilities: softmax maps both to probabilities.
         """
         with torch.inference_mode():
-            output = self.module(batch.to(self.device, non_blocking=True))
+            if self.runner is not None:
+                output = self.runner(batch)
+            else:
+                output = self.module(batch.to(self.device, non_blocking=True))
             return torch.softmax(output.float(), dim=1).cpu()
 
     def classify(self, tensors, top_k=None):

@@ -30,7 +30,8 @@ REQUEST_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 INFERENCE_LATENCY = Histogram(
-    "model_inference_duration_seconds", "Time of one batched forward pass.", buckets=_LATENCY_BUCKETS
+    "model_inference_duration_seconds", "Time of one batched forward pass, by the engine that ran it.", ["engine"],
+    buckets=_LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
     "model_batch_size", "Images per batched forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -41,7 +42,7 @@ ROLLOUTS = Counter(
     ["result"],
 )
 MODEL_INFO = Gauge(
-    "model_info", "The model this worker serves (value 1).", ["model_uuid", "sha256", "device"],
+    "model_info", "The model this worker serves (value 1).", ["model_uuid", "sha256", "device", "engine"],
     multiprocess_mode="liveall",
 )
 
@@ -129,9 +130,9 @@ def init_app(app):
     app.after_request(_finish_request)
 
 
-def record_model(model_uuid, sha256, device):
+def record_model(model_uuid, sha256, device, engine="torch"):
     """Publish the model-info gauge for this worker."""
-    MODEL_INFO.labels(model_uuid or "", sha256, device).set(1)
+    MODEL_INFO.labels(model_uuid or "", sha256, device, engine).set(1)
 
 
 def record_rollout(result):
@@ -169,9 +170,9 @@ def mark_process_dead(pid, multiprocess_dir):
         os.unlink(dead)
 
 
-def record_predictions(labels, batch_size, seconds):
-    """Count one batched forward pass and the labels it returned."""
-    INFERENCE_LATENCY.observe(seconds)
+def record_predictions(labels, batch_size, seconds, engine="torch"):
+    """Count one batched forward pass (run by ``engine``) and the labels it returned."""
+    INFERENCE_LATENCY.labels(engine).observe(seconds)
     BATCH_SIZE.observe(batch_size)
     for label in labels:
         _labelled(PREDICTIONS, label).inc()

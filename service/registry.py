@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 import torch
 
 from config.settings import Settings
-from service import verify
+from service import engines, verify
 from service.devices import select_device
 from service.formats import ModelFileError, error_detail, file_sha256, read_model_file
 from service.inference import Classifier
@@ -102,6 +102,8 @@ class ServedVersion:
 
     classifier: Classifier
     info: dict
+    # The network exported to ONNX and checked, when ONNX Runtime is to run it (engines.choose).
+    onnx: bytes | None = None
 
     @property
     def version(self):
@@ -174,7 +176,8 @@ class ModelRegistry:
 
     def __init__(
         self, source=None, *, use_cuda=False, use_mps=False, verify_on_start=False, allow_programs=False,
-        code_modules=(), max_file_size=Settings.MAX_MODEL_FILE_SIZE, poll_seconds=0,
+        code_modules=(), max_file_size=Settings.MAX_MODEL_FILE_SIZE, poll_seconds=0, engine=engines.TORCH,
+        max_batch=Settings.MAX_FILES,
     ):
         self.source = source
         self.use_cuda, self.use_mps = use_cuda, use_mps
@@ -183,6 +186,7 @@ class ModelRegistry:
         self.code_modules = tuple(code_modules)
         self.max_file_size = max_file_size
         self.poll_seconds = poll_seconds
+        self.engine, self.max_batch = engine, max_batch
         self.state = State.EMPTY
         self.current = None
         self.problem = "no model loaded yet"  # the whole story, for logs and holders of the API key
@@ -212,6 +216,8 @@ class ModelRegistry:
             code_modules=tuple(config.get("MODEL_CODE_MODULES") or ()),
             max_file_size=config.get("MAX_MODEL_FILE_SIZE") or Settings.MAX_MODEL_FILE_SIZE,
             poll_seconds=config.get("PRED_MODEL_POLL_SECONDS", Settings.PRED_MODEL_POLL_SECONDS),
+            engine=config.get("INFERENCE_ENGINE") or engines.TORCH,
+            max_batch=config.get("MAX_FILES") or Settings.MAX_FILES,
         )
 
     # -- what a request asks ------------------------------------------------------------------
@@ -447,6 +453,7 @@ class ModelRegistry:
     def _read_located(self, located):
         started = time.perf_counter()
         model = read_model_file(located.path, self.allow_programs, self.max_file_size, self.code_modules)
+        choice = self._choose_engine(model)
         info = {
             **located.provenance,
             "model_path": str(located.path),
@@ -455,13 +462,32 @@ class ModelRegistry:
             "labels": list(model.classifier.labels),
             "input_shape": list(model.classifier.input_spec.shape),
             "device": "cpu",
+            "engine": choice.engine,
             "loaded_at": _now(),
         }
         log.info(
             "loaded %s (%s, sha256 %s) in %.1f ms",
             located.path, info["architecture"], model.sha256[:12], (time.perf_counter() - started) * 1000,
         )
-        return ServedVersion(model.classifier, info)
+        return ServedVersion(model.classifier, info, choice.onnx)
+
+    def _choose_engine(self, model):
+        """The engine ``model`` will run on (INFERENCE_ENGINE), exported and checked here, where it
+        is loaded; raises ModelFileError when ``onnxruntime`` was asked for and cannot be had."""
+        device = "cuda" if self.use_cuda else "mps" if self.use_mps else "cpu"
+        started = time.perf_counter()
+        try:
+            choice = engines.choose(model.classifier, model.metadata["architecture"], self.engine, self.max_batch, device)
+        except engines.EngineError as exc:
+            raise ModelFileError(str(exc)) from None
+        if choice.engine == engines.ONNXRUNTIME:
+            log.info(
+                "exported to ONNX and checked against PyTorch in %.1f s: %s",
+                time.perf_counter() - started, choice.reason,
+            )
+        elif self.engine == engines.AUTO:
+            log.warning("serving with PyTorch, not ONNX Runtime: %s", choice.reason)
+        return choice
 
     def _prepare(self, served):
         """Move ``served`` to its device and warm it up; with its parity result, the registry
@@ -476,6 +502,8 @@ class ModelRegistry:
             classifier.module.to(device)
             classifier.device = device
             served.info["device"] = str(device)
+            classifier.runner = self._runner(served, device)
+            served.info["engine"] = classifier.engine
             classifier.warm_up()
         except Exception as exc:
             # e.g. metadata giving an input size the network does not take, or a device out of memory
@@ -486,7 +514,9 @@ class ModelRegistry:
                 f"{list(classifier.input_spec.shape)} input on {device} failed ({error_detail(exc)})"
             )
             raise ModelLoadError(self.problem) from None
-        log.info("warm-up forward pass took %.1f ms", (time.perf_counter() - started) * 1000)
+        log.info(
+            "warm-up forward pass took %.1f ms (%s)", (time.perf_counter() - started) * 1000, classifier.engine
+        )
         report = self.parity.get(served.info["sha256"]) if self.verify_on_start else None
         if report is None or report.ok:
             self.state, self.problem, self.reason = State.READY, None, None
@@ -496,6 +526,20 @@ class ModelRegistry:
         else:
             self.state, self.reason = State.FAILED, "the parity check failed"
             self.problem = f"parity check failed: {report.summary}"
+
+    def _runner(self, served, device):
+        """This process's ONNX Runtime session for ``served`` (built here: its thread pools do not
+        survive a fork), or None for PyTorch. Under ``auto`` a session that cannot be built falls
+        back to PyTorch; under ``onnxruntime`` it fails the preparation."""
+        if served.onnx is None or device.type != "cpu":
+            return None
+        try:
+            return engines.OnnxRunner(served.onnx, threads=torch.get_num_threads())
+        except engines.EngineError as exc:
+            if self.engine == engines.ONNXRUNTIME:
+                raise
+            log.warning("serving with PyTorch, not ONNX Runtime: %s", exc)
+            return None
 
     def _check_parity(self, served, torch_lock=None):
         """With VERIFY_MODEL_ON_START, run ``served``'s parity check, keep and return its report

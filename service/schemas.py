@@ -87,6 +87,10 @@ class ModelVersionSchema(ma.Schema):
     sha256 = ma.fields.String(metadata={"description": "SHA-256 of the weights file."})
     architecture = ma.fields.String()
     device = ma.fields.String(metadata={"description": "cpu, cuda or mps."})
+    engine = ma.fields.String(
+        metadata={"description": "What runs the forward pass in this worker: onnxruntime (the network exported to "
+                                 "ONNX, checked to give PyTorch's answers) or torch (INFERENCE_ENGINE)."}
+    )
     labels = ma.fields.List(ma.fields.String())
     input_shape = ma.fields.List(ma.fields.Integer(), metadata={"description": "[channels, height, width]"})
     loaded_at = ma.fields.String(metadata={"description": "When this process loaded the model (UTC, ISO 8601)."})

@@ -122,6 +122,23 @@ def flask(*args):
     )
 
 
+@contextmanager
+def project_package(tmp_path, monkeypatch, prefix, nets_source):
+    """A project's own package ``<prefix>_<n>`` whose ``nets`` module is ``nets_source``, importable
+    from sys.path inside the block and forgotten by the import system after it: (name, folder)."""
+    name = f"{prefix}_{tmp_path.name[-12:].replace('-', '_')}"
+    package = tmp_path / "src" / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(nets_source)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    try:
+        yield name, package
+    finally:
+        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[module]
+
+
 @dataclass
 class Server:
     """A running server process and where to reach it."""

@@ -88,15 +88,15 @@ def test_the_same_filename_twice_is_two_predictions(client):
 
 def test_all_images_of_a_request_go_through_one_forward_pass(app, client, monkeypatch):
     # loaded and warmed up: its warm-up pass is not counted
-    module = app.extensions["model_registry"].get().classifier.module
+    classifier = app.extensions["model_registry"].get().classifier
     batches = []
-    real_forward = module.forward
+    real_forward = classifier.forward
 
     def counting_forward(batch):
         batches.append(tuple(batch.shape))
         return real_forward(batch)
 
-    monkeypatch.setattr(module, "forward", counting_forward)
+    monkeypatch.setattr(classifier, "forward", counting_forward)
 
     response = client.post(PREDICT, data=digits(0, 1, 2, 3, 4))
 
@@ -406,12 +406,12 @@ def test_unknown_paths_and_methods_are_json(client):
 def test_an_unexpected_error_is_a_json_500_and_its_traceback_is_logged(make_app, monkeypatch, caplog):
     app = make_app(PROPAGATE_EXCEPTIONS=False)  # as in production: TESTING would re-raise it here
     client = app.test_client()
-    module = app.extensions["model_registry"].get().classifier.module
+    classifier = app.extensions["model_registry"].get().classifier
 
     def broken_forward(batch):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(module, "forward", broken_forward)
+    monkeypatch.setattr(classifier, "forward", broken_forward)
     caplog.set_level(logging.ERROR)
 
     response = client.post(PREDICT, data=digits(0))

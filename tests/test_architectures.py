@@ -24,7 +24,7 @@ from service.formats import ModelFileError, read_model_file
 from service.images import ImageError, decode_image
 from service.preprocess import InputSpec, preprocess
 from service.registry import ModelRegistry, Outcome
-from tests.support import ROOT, SERVICE_VARIABLES, encode, flask, run_gunicorn
+from tests.support import ROOT, SERVICE_VARIABLES, encode, flask, project_package, run_gunicorn
 
 PREDICT = "/api/v1/model/predict"
 LABELS = [f"class-{i}" for i in range(10)]
@@ -421,15 +421,8 @@ ACME = textwrap.dedent(
 @pytest.fixture
 def own_package(tmp_path, monkeypatch):
     """A project package ``acme_<n>`` with a network module, importable from sys.path."""
-    name = f"acme_{tmp_path.name[-12:].replace('-', '_')}"
-    package = tmp_path / "src" / name
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "nets.py").write_text(ACME)
-    monkeypatch.syspath_prepend(str(tmp_path / "src"))
-    yield name, package
-    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-        del sys.modules[module]
+    with project_package(tmp_path, monkeypatch, "acme", ACME) as found:
+        yield found
 
 
 def own_network(package, builder="TinyNet", **args):

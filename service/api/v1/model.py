@@ -76,7 +76,9 @@ def predict(image_file, top_k=None):
         abort(422, message=f"image_file {exc}", errors={"files": {"image_file": [str(exc)]}})
     started = time.perf_counter()
     predictions = classifier.classify(tensors, top_k)
-    observability.record_predictions([p.label for p in predictions], len(tensors), time.perf_counter() - started)
+    observability.record_predictions(
+        [p.label for p in predictions], len(tensors), time.perf_counter() - started, classifier.engine
+    )
     body = {
         "data": [
             {

@@ -26,7 +26,8 @@ SERVER_NAME = "prediction-service"
 SERVER_VERSION = "1.0"
 EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
-PLATFORM = "pytorch"
+# The platform each engine is reported as (ONNX Runtime by the name Triton gives it).
+PLATFORMS = {"torch": "pytorch", "onnxruntime": "onnxruntime_onnx"}
 
 blp = Blueprint(
     "inference_v2", __name__, url_prefix=PREFIX,
@@ -220,7 +221,7 @@ def _metadata(served):
     return {
         "name": model_name(served.info),
         "versions": [served.version],
-        "platform": PLATFORM,
+        "platform": PLATFORMS[served.classifier.engine],
         "inputs": [
             {"name": tensors.IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
             {"name": tensors.TENSOR_INPUT, "datatype": "FP32", "shape": [-1, *spec.shape]},
@@ -372,7 +373,7 @@ def infer(name, version=None):
     if probabilities.shape != (parsed.batch_size, len(classifier.labels)):
         raise RuntimeError(f"the network returned {list(probabilities.shape)} for {parsed.batch_size} inputs")
     labels = [classifier.labels[i] for i in probabilities.argmax(dim=1).tolist()]
-    observability.record_predictions(labels, parsed.batch_size, time.perf_counter() - started)
+    observability.record_predictions(labels, parsed.batch_size, time.perf_counter() - started, classifier.engine)
     body, header_length = tensors.encode_response(
         model_name(served.info), served.version, parsed.id, parsed.outputs, probabilities.numpy(), labels
     )
