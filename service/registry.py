@@ -397,7 +397,10 @@ class ModelRegistry:
             return None, self._could_not(exc.version or version or self._pointed(), str(exc))
         except ModelFileError as exc:
             return None, self._refuse(version or self._pointed(), f"{self.source.setting}: {exc}")
-        except Exception as exc:  # a bug, MemoryError, a PermissionError from a library: never the server's end
+        except BaseException as exc:  # a bug, MemoryError, a PermissionError, a project network's CancelledError...
+            if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+                raise  # Ctrl-C in a process that looks itself (the CLI); gunicorn's master never gets one
+            # ...never the server's end, nor the watcher's.
             log.exception("rollout: unexpected error while looking at %s", version or "the model source")
             return None, self._refuse(version or self._pointed(), f"unexpected error: {error_detail(exc)}")
         report = self.parity.get(candidate.info["sha256"])
@@ -570,7 +573,7 @@ class AliasWatcher(threading.Thread):
         while not self._stopped.wait(wait):
             try:
                 done = self.look()
-            except Exception:  # never let the watcher die: the next look may work
+            except BaseException:  # never let the watcher die (even for a BaseException): the next look may work
                 log.exception("looking for a new model failed")
                 done = False
             self.failures = 0 if done else self.failures + 1

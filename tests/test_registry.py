@@ -1,5 +1,6 @@
 """The model registry: every model format it serves, the files it refuses, devices, provenance and rollouts."""
 
+import asyncio
 import hashlib
 import io
 import json
@@ -751,7 +752,9 @@ def test_a_transient_source_error_is_tried_again_later_with_a_growing_delay(tmp_
     assert watcher.look() is True and notified == [1]  # staged: nothing more until the reload
 
 
-@pytest.mark.parametrize("fault", [PermissionError(13, "Permission denied"), MemoryError(), KeyError("bug")])
+@pytest.mark.parametrize(
+    "fault", [PermissionError(13, "Permission denied"), MemoryError(), KeyError("bug"), asyncio.CancelledError()]
+)
 def test_an_unexpected_exception_is_logged_once_with_its_traceback_and_refuses_the_version(tmp_path, caplog, fault):
     path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
     source = FaultySource(path)

@@ -1,7 +1,7 @@
 """Rollouts that fail safely, on real gunicorn and a real ``mlflow server``, under load: a version
-with no model or over the size limit is refused once and no worker restarts for it; a download cut
-off and a tracking server that stops are tried again later; a worker killed before and after a
-rollout comes back."""
+with no model, over the size limit or whose network raises an unexpected exception is refused once
+and no worker restarts for it; a download cut off and a tracking server that stops are tried again
+later; a worker killed before and after a rollout comes back."""
 
 import json
 import os
@@ -17,6 +17,7 @@ from torch import nn
 
 from service import mlflow_store, verify
 from service.formats import read_model_file
+from tests import faulty_nets
 from tests.support import (
     cutting_proxy,
     mlflow_server,
@@ -39,6 +40,9 @@ from tests.test_rollout import (
 )
 
 pytestmark = pytest.mark.slow
+
+FAULTY_NETS = faulty_nets.__name__  # a project module MODEL_CODE_MODULES allows in these tests
+DIGITS = [str(digit) for digit in range(10)]
 
 
 def worker_boots(server):
@@ -259,3 +263,35 @@ def test_workers_that_fail_their_warm_up_after_a_rollout_are_started_again_with_
         wait_until_ready(server.url, server.process, server.log_path, timeout=120)
         for _ in range(10):
             assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+
+
+def test_an_unexpected_exception_from_a_source_is_logged_once_and_refuses_the_version(tracking, tmp_path):
+    url, client = tracking
+    v1 = log_version(client, write_template_checkpoint(tmp_path / "v1" / "model.pt", seed=51))
+    # A whole checkpoint whose network, from an allowed project module, cannot be built: its builder
+    # raises asyncio's CancelledError, which is a BaseException, not an Exception.
+    metadata = {"architecture": f"{FAULTY_NETS}:cancelled", "labels": DIGITS, "input_shape": [1, 28, 28]}
+    cancelled = log_version(client, write_template_checkpoint(tmp_path / "v2" / "model.pt", seed=52, metadata=metadata))
+    v3 = log_version(client, write_template_checkpoint(tmp_path / "v3" / "model.pt", seed=53))
+    client.set_registered_model_alias(MODEL, ALIAS, v1)
+    env = alias_env(url, tmp_path, MODEL_CODE_MODULES=FAULTY_NETS)
+    with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
+        booted = worker_boots(server)
+
+        client.set_registered_model_alias(MODEL, ALIAS, cancelled)
+        server.wait_for(rf"rollout: refused {cancelled}, still serving {v1}: unexpected error: CancelledError")
+        time.sleep(POLL_SECONDS * 6)  # six more polls see the alias on the refused version
+        assert worker_boots(server) == booted, server.log()  # no reload for a refused version
+        assert served_version(server)[0] == v1
+        assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+        assert rollouts(server, "refused") == 1 and rollouts(server, "failed") == 0
+
+        client.set_registered_model_alias(MODEL, ALIAS, v3)  # the watcher is still watching
+        wait_for_version(server, v3)
+        assert worker_boots(server) == booted + 2, server.log()  # one reload: two new workers
+        log = server.log()
+    assert len(re.findall(rf"rollout: refused {cancelled}", log)) == 1, log
+    assert len(re.findall(rf"rollout: unexpected error while looking at {cancelled}", log)) == 1, log
+    assert log.count("Traceback (most recent call last)") == 1 and "CancelledError: the builder's task was cancelled" in log
+    assert_every_answer_whole(load, allowed={v1, v3})
+
