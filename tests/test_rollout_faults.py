@@ -1,7 +1,8 @@
 """Rollouts that fail safely, on real gunicorn and a real ``mlflow server``, under load: a version
 with no model, over the size limit or whose network raises an unexpected exception is refused once
-and no worker restarts for it; a download cut off and a tracking server that stops are tried again
-later; a worker killed before and after a rollout comes back."""
+and no worker restarts for it; an unreadable model file is refused on SIGHUP; a download cut off
+and a tracking server that stops (before or during a download) are tried again later; a worker
+killed before and after a rollout comes back."""
 
 import json
 import os
@@ -19,6 +20,7 @@ from service import mlflow_store, verify
 from service.formats import read_model_file
 from tests import faulty_nets
 from tests.support import (
+    Hold,
     cutting_proxy,
     mlflow_server,
     run_gunicorn,
@@ -294,4 +296,86 @@ def test_an_unexpected_exception_from_a_source_is_logged_once_and_refuses_the_ve
     assert len(re.findall(rf"rollout: unexpected error while looking at {cancelled}", log)) == 1, log
     assert log.count("Traceback (most recent call last)") == 1 and "CancelledError: the builder's task was cancelled" in log
     assert_every_answer_whole(load, allowed={v1, v3})
+
+
+@pytest.mark.parametrize("unreadable", ["mode 000", "a directory"])
+def test_an_unreadable_model_file_is_refused_on_sighup_and_the_served_model_stays(tmp_path, unreadable):
+    if unreadable == "mode 000" and os.geteuid() == 0:
+        pytest.skip("root reads a file whatever its mode; the directory case makes it unreadable instead")
+    path = write_template_checkpoint(tmp_path / "served" / "model.pt", seed=61)
+    with run_gunicorn(tmp_path, {"PRED_MODEL_PATH": path}) as server, continuous_load(server.url, tmp_path) as load:
+        v1 = served_version(server)[0]
+        booted = worker_boots(server)
+        if unreadable == "mode 000":
+            path.chmod(0)
+        else:  # the file moved aside and a directory in its place: no model file to read there
+            os.replace(path, path.with_name("aside.pt"))
+            path.mkdir()
+        os.kill(server.process.pid, signal.SIGHUP)
+        server.wait_for(rf"rollout: refused .*, still serving {v1}: PRED_MODEL_PATH: .*(Permission denied|is a directory)")
+        wait_for_version(server, v1)
+        assert server.process.poll() is None, server.log()
+        assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+        assert worker_boots(server) == booted + 2, server.log()  # gunicorn's reload: two new workers, no more
+        assert rollouts(server, "refused") == 1
+
+        # Readable again, with a new model: the operator's next SIGHUP serves it.
+        if unreadable == "mode 000":
+            path.chmod(0o644)
+        else:
+            path.rmdir()
+        os.replace(write_template_checkpoint(tmp_path / "new.pt", seed=62), path)
+        os.kill(server.process.pid, signal.SIGHUP)
+        v2 = wait_for(lambda: served_version(server)[0], lambda version: version != v1, server)
+        wait_for_version(server, v2)
+        assert worker_boots(server) == booted + 4, server.log()
+    log = server.log()
+    assert len(re.findall(r"rollout: refused", log)) == 1 and "Traceback" not in log, log
+    assert_every_answer_whole(load, allowed={v1, v2})
+
+
+def test_a_tracking_server_stopped_during_a_download_is_waited_for_then_the_version_served(tmp_path):
+    store = tmp_path / "mlflow"
+    tracking_server = mlflow_server(store)
+    url = tracking_server.__enter__()
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        client = MlflowClient(tracking_uri=url)
+        client.create_registered_model(MODEL)
+        v1 = log_version(client, write_template_checkpoint(tmp_path / "v1" / "model.pt", seed=71))
+        # 16 MB: a transfer that takes a while, stopped halfway.
+        big = write_template_checkpoint(tmp_path / "v2" / "model.pt", seed=72, ballast=torch.zeros(4_000_000))
+        v2 = log_version(client, big)
+        client.set_registered_model_alias(MODEL, ALIAS, v1)
+        mlflow_store.fetch_model_uri(f"models:/{MODEL}@{ALIAS}", tmp_path / "models", url)  # v1 is on disk already
+        hold = Hold()
+        with cutting_proxy(url, "dropped", cuts=1, hold=hold) as proxy_url:
+            # MLflow's client would look the run up again after the broken transfer, retrying with
+            # its own backoff for minutes (7 tries by default) before the watcher's turn comes.
+            env = alias_env(proxy_url, tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES=0)
+            with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
+                booted = worker_boots(server)
+                client.set_registered_model_alias(MODEL, ALIAS, v2)
+                assert hold.reached.wait(60), server.log()  # half of v2's model.pt is on its way
+                tracking_server.__exit__(None, None, None)  # the tracking server stops...
+                tracking_server = None
+                hold.release.set()  # ...and the transfer breaks off
+                server.wait_for(rf"cannot fetch or check {v2} for now, still serving {v1}: .*downloading")
+                server.wait_for(r"cannot look for a new model: .*cannot reach the MLflow tracking server")
+                server.wait_for(r"looking again in \d+ s", count=2)
+                assert worker_boots(server) == booted, server.log()  # waiting costs no reload
+                assert served_version(server)[0] == v1
+                assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+                with mlflow_server(store, port=port):
+                    wait_for_version(server, v2, timeout=180)
+                    assert worker_boots(server) == booted + 2, server.log()  # one reload, once it was whole
+                log = server.log()
+    finally:
+        if tracking_server is not None:
+            tracking_server.__exit__(None, None, None)
+    delays = [int(d) for d in re.findall(r"looking again in (\d+) s", log)]
+    assert delays[:3] == [2, 4, 8], log  # a growing delay
+    assert "Traceback" not in log, log
+    assert not list((tmp_path / "models").glob(".*.partial")), "the broken download is cleaned up"
+    assert_every_answer_whole(load, allowed={v1, v2})
 
