@@ -113,6 +113,13 @@ def write_template_checkpoint(path, seed=0, **extras):
     return path
 
 
+def write_network_checkpoint(path, network, **metadata):
+    """Write ``network``'s weights with ``metadata`` (architecture, labels...) as a checkpoint; return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state_dict": network.state_dict(), "metadata": metadata}, path)
+    return path
+
+
 def flask(*args):
     """Run ``flask --app wsgi <args>`` as a user would, with no model configured, whatever .env says."""
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}

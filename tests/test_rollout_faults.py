@@ -2,7 +2,7 @@
 with no model, over the size limit or whose network raises an unexpected exception is refused once
 and no worker restarts for it; an unreadable model file is refused on SIGHUP; a download cut off
 and a tracking server that stops (before or during a download) are tried again later; a worker
-killed before and after a rollout comes back."""
+killed before and after a rollout comes back; a master stopped while a worker boots exits at once."""
 
 import json
 import os
@@ -10,13 +10,14 @@ import re
 import signal
 import time
 
+import psutil
 import pytest
 import requests
 import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from service import mlflow_store, verify
+from service import demo, mlflow_store, verify
 from service.formats import read_model_file
 from tests import faulty_nets
 from tests.support import (
@@ -26,6 +27,7 @@ from tests.support import (
     run_gunicorn,
     wait_for_workers,
     wait_until_ready,
+    write_network_checkpoint,
     write_template_checkpoint,
 )
 from tests.test_rollout import (
@@ -379,3 +381,32 @@ def test_a_tracking_server_stopped_during_a_download_is_waited_for_then_the_vers
     assert not list((tmp_path / "models").glob(".*.partial")), "the broken download is cleaned up"
     assert_every_answer_whole(load, allowed={v1, v2})
 
+
+def test_a_master_stopped_while_a_worker_boots_exits_at_once_with_everything_it_started(tmp_path):
+    path = write_network_checkpoint(
+        tmp_path / "served" / "model.pt", faulty_nets.SlowFirstRun(), architecture=f"{FAULTY_NETS}:SlowFirstRun",
+        labels=DIGITS, input_shape=[1, 28, 28],
+    )
+    flag = tmp_path / "slow"
+    env = {"PRED_MODEL_PATH": path, "MODEL_CODE_MODULES": FAULTY_NETS, faulty_nets.SLOW_FLAG_VARIABLE: flag}
+    with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
+        workers = wait_for_workers(server.process, 2)
+        flag.touch()  # from now on, a worker's warm-up takes minutes
+        os.kill(min(workers), signal.SIGKILL)
+        server.wait_for(r"warming up slowly")  # its replacement is booting
+        assert worker_boots(server) == 3, server.log()
+        group = [process.pid for process in psutil.Process(server.process.pid).children()] + [server.process.pid]
+
+        started = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)  # what systemd or docker stop sends: to the master only
+        returncode = server.process.wait(timeout=60)
+        seconds = time.monotonic() - started
+        log = server.log()
+        assert returncode == 0, log
+        # Well within the graceful timeout (30 s): the booting worker does not finish its warm-up first.
+        assert seconds < 10, (seconds, log)
+        assert not demo._group_alive(server.process.pid) and not [p for p in group if psutil.pid_exists(p)], log
+    assert worker_boots(server) == 3, log  # none started while stopping
+    assert "Traceback" not in log, log
+    answered = [result for result in load.results if result["status"] is not None]
+    assert answered and all(result["status"] == 200 for result in answered), answered[:5]
