@@ -199,6 +199,8 @@ class ModelRegistry:
         self.on_rollout = None
         self.shared = None
         self._lock = threading.RLock()
+        # Set while the watcher fetches and checks a candidate (:meth:`stage`), off the main loop.
+        self._staging = threading.Event()
 
     @classmethod
     def from_config(cls, config):
@@ -285,6 +287,7 @@ class ModelRegistry:
     def after_fork(self):
         """In a process just forked from one whose other threads may have held the lock: a fresh lock."""
         self._lock = threading.RLock()
+        self._staging = threading.Event()
 
     def share_rollouts(self):
         """In a gunicorn master, before it forks: let the workers see the rollouts recorded later."""
@@ -307,21 +310,36 @@ class ModelRegistry:
                 return self._record(Rollout(Outcome.SWAPPED, self.current.version))
             staged, self.staged = self.staged, None
             if staged is None:
+                if self._staging.is_set():
+                    # An operator's SIGHUP while the watcher fetches: the watcher reloads once it is checked.
+                    log.info("rollout: a new version is being fetched and checked; it is swapped in once it passed")
+                    return Rollout(Outcome.UNCHANGED, self.current.version, "a new version is being fetched and checked")
                 staged, rollout = self._look()
                 if staged is None:
                     return rollout
+            elif self._serves(staged):
+                log.info("rollout: %s is served already", staged.version)
+                return Rollout(Outcome.UNCHANGED, self.current.version)
             return self._swap(staged)
 
     def stage(self, pointed=None):
         """Fetch and check the version the source points at (``pointed``, as :meth:`pending_version`
         gave it) without swapping it in: the alias watcher's work, off the master's main loop.
         Returns a Rollout whose outcome is ``staged`` when a checked candidate waits in
-        :attr:`staged` for the reload. Never raises."""
-        candidate, rollout = self._look(pointed, guard=True)
-        if candidate is None:
-            return rollout
-        with self._lock:
-            self.staged = candidate
+        :attr:`staged` for the reload; meanwhile an operator's reload does not look at the source
+        itself. Never raises."""
+        self._staging.set()
+        try:
+            candidate, rollout = self._look(pointed, guard=True)
+            if candidate is None:
+                return rollout
+            with self._lock:
+                if self._serves(candidate):  # an operator's reload swapped it in meanwhile
+                    log.info("rollout: %s is served already", candidate.version)
+                    return self._count(Rollout(Outcome.UNCHANGED, self.current.version))
+                self.staged = candidate
+        finally:
+            self._staging.clear()
         log.info("rollout: %s is fetched and checked: reloading the workers to serve it", candidate.version)
         return Rollout(Outcome.STAGED, candidate.version)
 
@@ -409,6 +427,11 @@ class ModelRegistry:
         if problem:
             return None, self._refuse(version, problem)
         return candidate, None
+
+    def _serves(self, candidate):
+        """True when ``candidate`` is the served model already: the same file, as the same version."""
+        current = self.current
+        return candidate.info["sha256"] == current.info["sha256"] and candidate.version == current.version
 
     def _pointed(self):
         """The version the source points at, to name one that could not be located; None if unknown."""

@@ -335,14 +335,16 @@ class _CuttingProxy(http.server.BaseHTTPRequestHandler):
             body = body[: len(body) // 2]  # a clean, complete-looking response that is too short
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if cut and self.mode == "dropped":
-            self.wfile.write(body[: len(body) // 2])  # then the connection drops
+        if cut and self.mode in ("dropped", "held"):
+            self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             if self.hold is not None:
                 self.hold.reached.set()
                 self.hold.release.wait(120)
-            self.close_connection = True
-            return
+            if self.mode == "dropped":  # the connection drops
+                self.close_connection = True
+                return
+            body = body[len(body) // 2 :]  # held: a slow transfer that ends whole
         self.wfile.write(body)
 
     do_GET = do_POST = _forward
@@ -354,8 +356,8 @@ class _CuttingProxy(http.server.BaseHTTPRequestHandler):
 @contextmanager
 def cutting_proxy(upstream, mode, cuts=None, hold=None):
     """A proxy to the tracking server ``upstream`` that cuts model transfers (``mode``: the
-    connection ``dropped``, or a ``truncated`` answer), every one or the first ``cuts``; a dropped
-    one waits for ``hold`` (a :class:`Hold`) midway."""
+    connection ``dropped``, or a ``truncated`` answer, or only ``held``), every one or the first
+    ``cuts``; a dropped or held one waits for ``hold`` (a :class:`Hold`) midway."""
     handler = type("Handler", (_CuttingProxy,), {"upstream": upstream, "mode": mode, "cuts_left": cuts, "hold": hold})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

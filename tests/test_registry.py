@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import threading
 import time
 from datetime import datetime
 
@@ -819,3 +820,44 @@ def test_a_parity_check_that_could_not_run_is_reported_as_such_and_run_again(tmp
     reports[0] = verify.VerifyReport(True, "accuracy 99%")
     assert watcher.look() is True and len(notified) == 1  # ran: the workers are reloaded to learn it
     assert not master.unchecked()
+
+
+def test_an_operators_reload_while_a_candidate_is_staged_neither_looks_again_nor_swaps_it_twice(tmp_path):
+    path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
+    source = BlockingSource(path)
+    master, counted = watched(source)
+    source.version = "2"
+    source.release.clear()
+    staging = threading.Thread(target=master.stage, args=("2",))
+    staging.start()
+    try:
+        assert source.entered.wait(10)  # the watcher is fetching version 2
+        located = source.located
+        rollout = master.refresh()  # the operator's SIGHUP meanwhile
+        assert rollout.outcome is Outcome.UNCHANGED and master.current.version == "1"
+        assert source.located == located, "the reload looked at the source again"
+    finally:
+        source.release.set()
+        staging.join(10)
+    assert master.staged.version == "2"
+    assert master.refresh().outcome is Outcome.SWAPPED and master.current.version == "2"  # the watcher's SIGHUP
+
+    # The same candidate staged again (it was swapped in meanwhile): dropped, not swapped twice.
+    master.staged = master.current
+    assert master.refresh().outcome is Outcome.UNCHANGED and master.staged is None
+    assert counted == [("swapped", "2")]
+
+
+class BlockingSource(FaultySource):
+    """A pointed source whose ``locate`` waits for the test: a download that takes a while."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.release.set()
+
+    def locate(self):
+        if self.version != "1":
+            self.entered.set()
+        assert self.release.wait(10)
+        return super().locate()

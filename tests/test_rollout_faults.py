@@ -2,7 +2,8 @@
 with no model, over the size limit or whose network raises an unexpected exception is refused once
 and no worker restarts for it; an unreadable model file is refused on SIGHUP; a download cut off
 and a tracking server that stops (before or during a download) are tried again later; a worker
-killed before and after a rollout comes back; a master stopped while a worker boots exits at once."""
+killed before and after a rollout comes back; a master stopped while a worker boots exits at once;
+an operator's SIGHUP while a version is fetched neither fetches it again nor swaps it twice."""
 
 import json
 import os
@@ -410,3 +411,33 @@ def test_a_master_stopped_while_a_worker_boots_exits_at_once_with_everything_it_
     assert "Traceback" not in log, log
     answered = [result for result in load.results if result["status"] is not None]
     assert answered and all(result["status"] == 200 for result in answered), answered[:5]
+
+
+def test_an_operators_sighup_while_a_version_is_fetched_neither_fetches_it_again_nor_swaps_it_twice(tracking, tmp_path):
+    url, client = tracking
+    v1 = log_version(client, write_template_checkpoint(tmp_path / "v1" / "model.pt", seed=81))
+    v2 = log_version(client, write_template_checkpoint(tmp_path / "v2" / "model.pt", seed=82))
+    v2_run = client.get_model_version(MODEL, v2).run_id
+    client.set_registered_model_alias(MODEL, ALIAS, v1)
+    mlflow_store.fetch_model_uri(f"models:/{MODEL}@{ALIAS}", tmp_path / "models", url)  # v1 is on disk already
+    hold = Hold()
+    with cutting_proxy(url, "held", cuts=1, hold=hold) as proxy_url:
+        with run_gunicorn(tmp_path, alias_env(proxy_url, tmp_path)) as server, continuous_load(server.url, tmp_path) as load:
+            booted = worker_boots(server)
+            client.set_registered_model_alias(MODEL, ALIAS, v2)
+            assert hold.reached.wait(60), server.log()  # the watcher is halfway through v2's download
+            os.kill(server.process.pid, signal.SIGHUP)  # the operator's reload meanwhile
+            server.wait_for(r"Booting worker with pid", count=booted + 2)  # gunicorn's reload, on v1
+            assert served_version(server)[0] == v1
+            hold.release.set()
+            wait_for_version(server, v2)
+            time.sleep(POLL_SECONDS * 4)
+            assert worker_boots(server) == booted + 4, server.log()  # the operator's reload, then v2's: no third
+            assert rollouts(server, "swapped") == 1
+            log = server.log()
+    assert len(re.findall(rf"downloading run {v2_run}", log)) == 1, log  # fetched once, by the watcher
+    assert len(re.findall(rf"loaded \S*{v2_run}", log)) == 1, log  # read and checked once
+    assert f"run {v2_run} is already downloaded" not in log, log  # never looked up again on the main loop
+    assert len(re.findall(r"rollout: now serving", log)) == 1, log
+    assert "Traceback" not in log, log
+    assert_every_answer_whole(load, allowed={v1, v2})
