@@ -124,6 +124,11 @@ class Rollout:
         return {"result": self.outcome.value, "version": self.version, "reason": self.reason, "at": self.at}
 
 
+def _cut(value, length):
+    """``value`` cut to ``length`` characters (with an ellipsis) when it is a longer string."""
+    return value[:length] + "…" if isinstance(value, str) and len(value) > length else value
+
+
 class SharedRecord:
     """A small JSON value the gunicorn master writes and its workers read, in shared memory made
     before the first fork: workers forked earlier see the master's later rollouts."""
@@ -134,11 +139,15 @@ class SharedRecord:
         self._buffer = multiprocessing.Array("c", self.SIZE)
 
     def set(self, value):
-        """Store ``value`` (JSON-able; cut to fit)."""
+        """Store ``value`` (a flat JSON-able dict; its longest strings cut, never its JSON, to fit)."""
         data = json.dumps(value).encode()
+        longest = max((len(v) for v in value.values() if isinstance(v, str)), default=0)
+        while len(data) >= self.SIZE and longest:
+            # A string's JSON may take up to 12 bytes a character (an emoji as two \u escapes).
+            longest //= 2
+            data = json.dumps({k: _cut(v, longest) for k, v in value.items()}).encode()
         if len(data) >= self.SIZE:
-            value = {**value, "reason": (value.get("reason") or "")[: self.SIZE // 4]}
-            data = json.dumps(value).encode()[: self.SIZE - 1]
+            data = b"null"
         with self._buffer.get_lock():
             self._buffer.value = data
 

@@ -861,3 +861,19 @@ class BlockingSource(FaultySource):
             self.entered.set()
         assert self.release.wait(10)
         return super().locate()
+
+
+@pytest.mark.parametrize("field", ["reason", "version"])
+def test_a_rollout_too_long_for_the_shared_record_is_cut_and_still_read_back(field):
+    from service.registry import Rollout, SharedRecord
+
+    shared = SharedRecord()
+    # An upstream error text in emoji: each character takes 12 bytes of JSON.
+    rollout = {"reason": "parity check failed", "version": "7", field: "\N{GRINNING FACE}" * 3000}
+    shared.set(Rollout(Outcome.REFUSED, rollout["version"], rollout["reason"]).as_dict())
+
+    read = shared.get()
+    assert read is not None, "the workers would see no rollout at all"
+    assert read["result"] == "refused" and read["at"]
+    assert read[field].startswith("\N{GRINNING FACE}" * 10) and read[field].endswith("…")
+    assert len(json.dumps(read).encode()) < SharedRecord.SIZE
