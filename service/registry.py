@@ -213,15 +213,28 @@ class ModelRegistry:
 
     @classmethod
     def from_config(cls, config):
-        """A registry for an app's settings (PRED_MODEL_PATH or PRED_MODEL_URI and the model options)."""
+        """A registry for an app's settings (PRED_MODEL_PATH or PRED_MODEL_URI and the model options).
+
+        The options that decide which model files may be served are read here, once, and handed to
+        the source as read: a download is checked exactly as the registry then loads it.
+        """
+        allow_programs = bool(config.get("ALLOW_MODEL_PROGRAMS"))
+        code_modules = tuple(config.get("MODEL_CODE_MODULES") or ())
+        max_file_size = config.get("MAX_MODEL_FILE_SIZE") or Settings.MAX_MODEL_FILE_SIZE
+        source = from_config({
+            **config,
+            "ALLOW_MODEL_PROGRAMS": allow_programs,
+            "MODEL_CODE_MODULES": code_modules,
+            "MAX_MODEL_FILE_SIZE": max_file_size,
+        })
         return cls(
-            from_config(config),
+            source,
             use_cuda=bool(config.get("USE_CUDA")),
             use_mps=bool(config.get("USE_MPS")),
             verify_on_start=bool(config.get("VERIFY_MODEL_ON_START")),
-            allow_programs=bool(config.get("ALLOW_MODEL_PROGRAMS")),
-            code_modules=tuple(config.get("MODEL_CODE_MODULES") or ()),
-            max_file_size=config.get("MAX_MODEL_FILE_SIZE") or Settings.MAX_MODEL_FILE_SIZE,
+            allow_programs=allow_programs,
+            code_modules=code_modules,
+            max_file_size=max_file_size,
             poll_seconds=config.get("PRED_MODEL_POLL_SECONDS", Settings.PRED_MODEL_POLL_SECONDS),
         )
 

@@ -877,3 +877,36 @@ def test_a_rollout_too_long_for_the_shared_record_is_cut_and_still_read_back(fie
     assert read["result"] == "refused" and read["at"]
     assert read[field].startswith("\N{GRINNING FACE}" * 10) and read[field].endswith("…")
     assert len(json.dumps(read).encode()) < SharedRecord.SIZE
+
+
+class CountedReads(dict):
+    """An app's config that counts how often each setting is read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads = {}
+
+    def _read(self, key):
+        self.reads[key] = self.reads.get(key, 0) + 1
+
+    def __getitem__(self, key):
+        self._read(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._read(key)
+        return super().get(key, default)
+
+
+def test_the_model_options_are_read_once_and_the_source_checks_downloads_with_them(tmp_path):
+    config = CountedReads(
+        PRED_MODEL_URI="models:/digits@champion", MODELS_DIR=str(tmp_path), ALLOW_MODEL_PROGRAMS=True,
+        MODEL_CODE_MODULES=["acme.nets"], MAX_MODEL_FILE_SIZE=8 * 1024**2,
+    )
+    registry = ModelRegistry.from_config(config)
+    options = ("ALLOW_MODEL_PROGRAMS", "MODEL_CODE_MODULES", "MAX_MODEL_FILE_SIZE")
+    assert {name: config.reads.get(name) for name in options} == dict.fromkeys(options, 1)
+    source = registry.source
+    assert (source.allow_programs, source.code_modules, source.max_file_size) == (True, ("acme.nets",), 8 * 1024**2)
+    assert (registry.allow_programs, registry.code_modules, registry.max_file_size) == (True, ("acme.nets",), 8 * 1024**2)
+    assert source.models_dir == str(tmp_path) and source.uri == "models:/digits@champion"
