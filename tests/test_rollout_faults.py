@@ -293,6 +293,7 @@ def test_an_unexpected_exception_from_a_source_is_logged_once_and_refuses_the_ve
 
         client.set_registered_model_alias(MODEL, ALIAS, v3)  # the watcher is still watching
         wait_for_version(server, v3)
+        server.wait_for(r"Booting worker with pid", count=booted + 2)
         assert worker_boots(server) == booted + 2, server.log()  # one reload: two new workers
         log = server.log()
     assert len(re.findall(rf"rollout: refused {cancelled}", log)) == 1, log
@@ -316,10 +317,11 @@ def test_an_unreadable_model_file_is_refused_on_sighup_and_the_served_model_stay
             path.mkdir()
         os.kill(server.process.pid, signal.SIGHUP)
         server.wait_for(rf"rollout: refused .*, still serving {v1}: PRED_MODEL_PATH: .*(Permission denied|is a directory)")
+        server.wait_for(r"Booting worker with pid", count=booted + 2)  # gunicorn's reload: two new workers
         wait_for_version(server, v1)
         assert server.process.poll() is None, server.log()
         assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
-        assert worker_boots(server) == booted + 2, server.log()  # gunicorn's reload: two new workers, no more
+        assert worker_boots(server) == booted + 2, server.log()  # no more
         assert rollouts(server, "refused") == 1
 
         # Readable again, with a new model: the operator's next SIGHUP serves it.
@@ -331,6 +333,7 @@ def test_an_unreadable_model_file_is_refused_on_sighup_and_the_served_model_stay
         os.kill(server.process.pid, signal.SIGHUP)
         v2 = wait_for(lambda: served_version(server)[0], lambda version: version != v1, server)
         wait_for_version(server, v2)
+        server.wait_for(r"Booting worker with pid", count=booted + 4)
         assert worker_boots(server) == booted + 4, server.log()
     log = server.log()
     assert len(re.findall(r"rollout: refused", log)) == 1 and "Traceback" not in log, log
@@ -371,6 +374,7 @@ def test_a_tracking_server_stopped_during_a_download_is_waited_for_then_the_vers
                 assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
                 with mlflow_server(store, port=port):
                     wait_for_version(server, v2, timeout=180)
+                    server.wait_for(r"Booting worker with pid", count=booted + 2)
                     assert worker_boots(server) == booted + 2, server.log()  # one reload, once it was whole
                 log = server.log()
     finally:
