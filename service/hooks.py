@@ -4,9 +4,9 @@ The model is loaded once in the master before it forks, so workers share its wei
 fork-safe (torch thread pools, CUDA, the warm-up pass) happens in each worker after the fork. A
 rollout happens in the master too: the alias watcher, a thread of the master, fetches and checks a
 new version off gunicorn's main loop and sends SIGHUP only once it passed; on SIGHUP (the watcher's,
-or an operator's ``kill -HUP``, which looks at the source there and then) the master swaps it in,
-then gunicorn forks new workers from it and retires the old ones gracefully, each finishing the
-request it has. Nothing a model, a download, the tracking server or a check does reaches gunicorn's
+or an operator's ``kill -HUP``, which looks at the source there and then unless the watcher is
+fetching a version already) the master swaps it in, then gunicorn forks new workers from it and
+retires the old ones gracefully, each finishing the request it has. Nothing a model, a download, the tracking server or a check does reaches gunicorn's
 main loop as an exception.
 """
 
