@@ -260,18 +260,28 @@ def stop(process, timeout=20):
     that died on its own leaves its workers)."""
     if process is None:
         return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:  # nothing of its group is left
+    if not _signal_group(process, signal.SIGTERM):  # nothing of its group is left
         process.poll()
         return
     if not _wait_for_group(process, timeout):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _signal_group(process, signal.SIGKILL)
         _wait_for_group(process, 10)
     process.wait()
+
+
+def _signal_group(process, signum):
+    """Send ``signum`` to the process group ``process`` leads; False when nothing of it is left.
+
+    Where the group may not be signalled (a member run by another user; on macOS, a group left
+    with zombies only), ``process`` itself still is.
+    """
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        process.send_signal(signum)  # a no-op once it has exited and been reaped
+    return True
 
 
 class Supervisor:

@@ -4,9 +4,9 @@ The model is loaded once in the master before it forks, so workers share its wei
 fork-safe (torch thread pools, CUDA, the warm-up pass) happens in each worker after the fork. A
 rollout happens in the master too: the alias watcher, a thread of the master, fetches and checks a
 new version off gunicorn's main loop and sends SIGHUP only once it passed; on SIGHUP (the watcher's,
-or an operator's ``kill -HUP``, which looks at the source there and then) the master swaps it in,
-then gunicorn forks new workers from it and retires the old ones gracefully, each finishing the
-request it has. Nothing a model, a download, the tracking server or a check does reaches gunicorn's
+or an operator's ``kill -HUP``, which looks at the source there and then unless the watcher is
+fetching a version already) the master swaps it in, then gunicorn forks new workers from it and
+retires the old ones gracefully, each finishing the request it has. Nothing a model, a download, the tracking server or a check does reaches gunicorn's
 main loop as an exception.
 """
 
@@ -154,6 +154,22 @@ def pre_fork(server, worker):
     gc.freeze()
 
 
+# The signals gunicorn's master stops its workers with (gracefully, at once, and on Ctrl-C).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
+
+
+def stop_while_booting():
+    """In a worker just forked: let the stop signals end it while it boots.
+
+    Until gunicorn installs a worker's own handlers, after post_fork, the worker has the master's,
+    which only queue a signal for a main loop it never runs: a worker stopped in its warm-up
+    would finish it first, and keep a stopping master waiting up to GUNICORN_GRACEFUL_TIMEOUT.
+    A booting worker holds no request, so it may simply end.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def post_fork(server, worker):
     """In each worker: access lines, torch threads, device, warm-up pass, model-info metric.
 
@@ -161,6 +177,7 @@ def post_fork(server, worker):
     line says why); after that, it waits (longer each time in a row) and exits with a code on
     which gunicorn starts another, so that a respawn hours later never takes the server down.
     """
+    stop_while_booting()
     quicker_access_lines(worker.log)
     registry = registry_of(server)
     registry.after_fork()

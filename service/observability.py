@@ -1,11 +1,15 @@
 """Request ids and Prometheus metrics: what an operator sees of every request."""
 
 import contextvars
+import fcntl
+import glob
 import logging
 import os
 import re
 import time
 import uuid
+
+from contextlib import contextmanager
 
 from flask import g, has_request_context, request
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -143,6 +147,20 @@ def record_rollout(result):
 # The file-name part that stands for a pid in the files holding the counts of dead workers.
 DEAD_WORKERS = "dead"
 _SUMMED_KINDS = ("counter", "histogram", "summary")
+# Locked by a merge (exclusive) and by every scrape (shared); not a .db file, which scrapes read.
+MERGE_LOCK = ".merge.lock"
+
+
+@contextmanager
+def merge_lock(multiprocess_dir, exclusive):
+    """Hold the metrics directory's merge lock: a scrape never reads a dead worker's counts half
+    folded into the totals (counted twice, or its file gone between listing and reading)."""
+    fd = os.open(os.path.join(multiprocess_dir, MERGE_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor of this open file releases the lock
 
 
 def mark_process_dead(pid, multiprocess_dir):
@@ -155,6 +173,11 @@ def mark_process_dead(pid, multiprocess_dir):
     """
     if not multiprocess_dir:
         return
+    with merge_lock(multiprocess_dir, exclusive=True):
+        _fold(pid, multiprocess_dir)
+
+
+def _fold(pid, multiprocess_dir):
     multiprocess.mark_process_dead(pid, multiprocess_dir)
     for kind in _SUMMED_KINDS:
         dead = os.path.join(multiprocess_dir, f"{kind}_{pid}.db")
@@ -178,10 +201,29 @@ def record_predictions(labels, batch_size, seconds, engine="torch"):
         _labelled(PREDICTIONS, label).inc()
 
 
+class _WorkerFiles:
+    """prometheus_client's multiprocess collector, less the files a worker has just created: such a
+    file is empty until the worker sizes it, and reading it then would fail the whole scrape."""
+
+    def __init__(self, multiprocess_dir):
+        self.multiprocess_dir = multiprocess_dir
+
+    def collect(self):
+        files = []
+        for path in glob.glob(os.path.join(self.multiprocess_dir, "*.db")):
+            try:
+                if os.path.getsize(path):
+                    files.append(path)
+            except FileNotFoundError:
+                pass
+        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+
+
 def render_metrics(multiprocess_dir=None):
     """Return the exposition text and its content type, merged across workers when multiprocess."""
     if multiprocess_dir:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        registry.register(_WorkerFiles(multiprocess_dir))
+        with merge_lock(multiprocess_dir, exclusive=False):
+            return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -126,6 +126,11 @@ class Rollout:
         return {"result": self.outcome.value, "version": self.version, "reason": self.reason, "at": self.at}
 
 
+def _cut(value, length):
+    """``value`` cut to ``length`` characters (with an ellipsis) when it is a longer string."""
+    return value[:length] + "…" if isinstance(value, str) and len(value) > length else value
+
+
 class SharedRecord:
     """A small JSON value the gunicorn master writes and its workers read, in shared memory made
     before the first fork: workers forked earlier see the master's later rollouts."""
@@ -136,11 +141,15 @@ class SharedRecord:
         self._buffer = multiprocessing.Array("c", self.SIZE)
 
     def set(self, value):
-        """Store ``value`` (JSON-able; cut to fit)."""
+        """Store ``value`` (a flat JSON-able dict; its longest strings cut, never its JSON, to fit)."""
         data = json.dumps(value).encode()
+        longest = max((len(v) for v in value.values() if isinstance(v, str)), default=0)
+        while len(data) >= self.SIZE and longest:
+            # A string's JSON may take up to 12 bytes a character (an emoji as two \u escapes).
+            longest //= 2
+            data = json.dumps({k: _cut(v, longest) for k, v in value.items()}).encode()
         if len(data) >= self.SIZE:
-            value = {**value, "reason": (value.get("reason") or "")[: self.SIZE // 4]}
-            data = json.dumps(value).encode()[: self.SIZE - 1]
+            data = b"null"
         with self._buffer.get_lock():
             self._buffer.value = data
 
@@ -203,18 +212,33 @@ class ModelRegistry:
         self.on_rollout = None
         self.shared = None
         self._lock = threading.RLock()
+        # Set while the watcher fetches and checks a candidate (:meth:`stage`), off the main loop.
+        self._staging = threading.Event()
 
     @classmethod
     def from_config(cls, config):
-        """A registry for an app's settings (PRED_MODEL_PATH or PRED_MODEL_URI and the model options)."""
+        """A registry for an app's settings (PRED_MODEL_PATH or PRED_MODEL_URI and the model options).
+
+        The options that decide which model files may be served are read here, once, and handed to
+        the source as read: a download is checked exactly as the registry then loads it.
+        """
+        allow_programs = bool(config.get("ALLOW_MODEL_PROGRAMS"))
+        code_modules = tuple(config.get("MODEL_CODE_MODULES") or ())
+        max_file_size = config.get("MAX_MODEL_FILE_SIZE") or Settings.MAX_MODEL_FILE_SIZE
+        source = from_config({
+            **config,
+            "ALLOW_MODEL_PROGRAMS": allow_programs,
+            "MODEL_CODE_MODULES": code_modules,
+            "MAX_MODEL_FILE_SIZE": max_file_size,
+        })
         return cls(
-            from_config(config),
+            source,
             use_cuda=bool(config.get("USE_CUDA")),
             use_mps=bool(config.get("USE_MPS")),
             verify_on_start=bool(config.get("VERIFY_MODEL_ON_START")),
-            allow_programs=bool(config.get("ALLOW_MODEL_PROGRAMS")),
-            code_modules=tuple(config.get("MODEL_CODE_MODULES") or ()),
-            max_file_size=config.get("MAX_MODEL_FILE_SIZE") or Settings.MAX_MODEL_FILE_SIZE,
+            allow_programs=allow_programs,
+            code_modules=code_modules,
+            max_file_size=max_file_size,
             poll_seconds=config.get("PRED_MODEL_POLL_SECONDS", Settings.PRED_MODEL_POLL_SECONDS),
             engine=config.get("INFERENCE_ENGINE") or engines.TORCH,
             max_batch=config.get("MAX_FILES") or Settings.MAX_FILES,
@@ -291,6 +315,7 @@ class ModelRegistry:
     def after_fork(self):
         """In a process just forked from one whose other threads may have held the lock: a fresh lock."""
         self._lock = threading.RLock()
+        self._staging = threading.Event()
 
     def share_rollouts(self):
         """In a gunicorn master, before it forks: let the workers see the rollouts recorded later."""
@@ -313,21 +338,36 @@ class ModelRegistry:
                 return self._record(Rollout(Outcome.SWAPPED, self.current.version))
             staged, self.staged = self.staged, None
             if staged is None:
+                if self._staging.is_set():
+                    # An operator's SIGHUP while the watcher fetches: the watcher reloads once it is checked.
+                    log.info("rollout: a new version is being fetched and checked; it is swapped in once it passed")
+                    return Rollout(Outcome.UNCHANGED, self.current.version, "a new version is being fetched and checked")
                 staged, rollout = self._look()
                 if staged is None:
                     return rollout
+            elif self._serves(staged):
+                log.info("rollout: %s is served already", staged.version)
+                return Rollout(Outcome.UNCHANGED, self.current.version)
             return self._swap(staged)
 
     def stage(self, pointed=None):
         """Fetch and check the version the source points at (``pointed``, as :meth:`pending_version`
         gave it) without swapping it in: the alias watcher's work, off the master's main loop.
         Returns a Rollout whose outcome is ``staged`` when a checked candidate waits in
-        :attr:`staged` for the reload. Never raises."""
-        candidate, rollout = self._look(pointed, guard=True)
-        if candidate is None:
-            return rollout
-        with self._lock:
-            self.staged = candidate
+        :attr:`staged` for the reload; meanwhile an operator's reload does not look at the source
+        itself. Never raises."""
+        self._staging.set()
+        try:
+            candidate, rollout = self._look(pointed, guard=True)
+            if candidate is None:
+                return rollout
+            with self._lock:
+                if self._serves(candidate):  # an operator's reload swapped it in meanwhile
+                    log.info("rollout: %s is served already", candidate.version)
+                    return self._count(Rollout(Outcome.UNCHANGED, self.current.version))
+                self.staged = candidate
+        finally:
+            self._staging.clear()
         log.info("rollout: %s is fetched and checked: reloading the workers to serve it", candidate.version)
         return Rollout(Outcome.STAGED, candidate.version)
 
@@ -403,7 +443,10 @@ class ModelRegistry:
             return None, self._could_not(exc.version or version or self._pointed(), str(exc))
         except ModelFileError as exc:
             return None, self._refuse(version or self._pointed(), f"{self.source.setting}: {exc}")
-        except Exception as exc:  # a bug, MemoryError, a PermissionError from a library: never the server's end
+        except BaseException as exc:  # a bug, MemoryError, a PermissionError, a project network's CancelledError...
+            if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+                raise  # Ctrl-C in a process that looks itself (the CLI); gunicorn's master never gets one
+            # ...never the server's end, nor the watcher's.
             log.exception("rollout: unexpected error while looking at %s", version or "the model source")
             return None, self._refuse(version or self._pointed(), f"unexpected error: {error_detail(exc)}")
         report = self.parity.get(candidate.info["sha256"])
@@ -412,6 +455,11 @@ class ModelRegistry:
         if problem:
             return None, self._refuse(version, problem)
         return candidate, None
+
+    def _serves(self, candidate):
+        """True when ``candidate`` is the served model already: the same file, as the same version."""
+        current = self.current
+        return candidate.info["sha256"] == current.info["sha256"] and candidate.version == current.version
 
     def _pointed(self):
         """The version the source points at, to name one that could not be located; None if unknown."""
@@ -614,7 +662,7 @@ class AliasWatcher(threading.Thread):
         while not self._stopped.wait(wait):
             try:
                 done = self.look()
-            except Exception:  # never let the watcher die: the next look may work
+            except BaseException:  # never let the watcher die (even for a BaseException): the next look may work
                 log.exception("looking for a new model failed")
                 done = False
             self.failures = 0 if done else self.failures + 1

@@ -113,6 +113,13 @@ def write_template_checkpoint(path, seed=0, **extras):
     return path
 
 
+def write_network_checkpoint(path, network, **metadata):
+    """Write ``network``'s weights with ``metadata`` (architecture, labels...) as a checkpoint; return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state_dict": network.state_dict(), "metadata": metadata}, path)
+    return path
+
+
 def flask(*args):
     """Run ``flask --app wsgi <args>`` as a user would, with no model configured, whatever .env says."""
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
@@ -308,23 +315,36 @@ def running(pids):
     return alive
 
 
+class Hold:
+    """Holds a cut transfer midway: ``reached`` is set once half of it is sent, and the connection
+    drops only once the test sets ``release`` (meanwhile it may stop the tracking server)."""
+
+    def __init__(self):
+        self.reached, self.release = threading.Event(), threading.Event()
+
+
 class _CuttingProxy(http.server.BaseHTTPRequestHandler):
     """Forwards requests to the tracking server, but breaks transfers of a model.pt midway (every
-    one, or the first ``cuts_left``)."""
+    one, or the first ``cuts_left``). While the tracking server is down, a request gets no answer."""
 
     upstream = None
     mode = "dropped"
     cuts_left = None
+    hold = None
 
     def _forward(self):
         length = int(self.headers.get("Content-Length") or 0)
-        upstream = requests.request(
-            self.command,
-            self.upstream + self.path,
-            data=self.rfile.read(length) if length else None,
-            headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
-            timeout=30,
-        )
+        try:
+            upstream = requests.request(
+                self.command,
+                self.upstream + self.path,
+                data=self.rfile.read(length) if length else None,
+                headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
+                timeout=30,
+            )
+        except requests.RequestException:  # the tracking server is down: as if the proxy were too
+            self.close_connection = True
+            return
         body = upstream.content
         cut = self.command == "GET" and self.path.split("?")[0].endswith("/model.pt")
         cut = cut and (self.cuts_left is None or self.cuts_left > 0)
@@ -336,11 +356,16 @@ class _CuttingProxy(http.server.BaseHTTPRequestHandler):
             body = body[: len(body) // 2]  # a clean, complete-looking response that is too short
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if cut and self.mode == "dropped":
-            self.wfile.write(body[: len(body) // 2])  # then the connection drops
+        if cut and self.mode in ("dropped", "held"):
+            self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
-            self.close_connection = True
-            return
+            if self.hold is not None:
+                self.hold.reached.set()
+                self.hold.release.wait(120)
+            if self.mode == "dropped":  # the connection drops
+                self.close_connection = True
+                return
+            body = body[len(body) // 2 :]  # held: a slow transfer that ends whole
         self.wfile.write(body)
 
     do_GET = do_POST = _forward
@@ -350,10 +375,11 @@ class _CuttingProxy(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def cutting_proxy(upstream, mode, cuts=None):
+def cutting_proxy(upstream, mode, cuts=None, hold=None):
     """A proxy to the tracking server ``upstream`` that cuts model transfers (``mode``: the
-    connection ``dropped``, or a ``truncated`` answer), every one or the first ``cuts``."""
-    handler = type("Handler", (_CuttingProxy,), {"upstream": upstream, "mode": mode, "cuts_left": cuts})
+    connection ``dropped``, or a ``truncated`` answer, or only ``held``), every one or the first
+    ``cuts``; a dropped or held one waits for ``hold`` (a :class:`Hold`) midway."""
+    handler = type("Handler", (_CuttingProxy,), {"upstream": upstream, "mode": mode, "cuts_left": cuts, "hold": hold})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

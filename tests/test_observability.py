@@ -264,7 +264,7 @@ def test_the_metric_files_of_hundreds_of_dead_workers_are_merged_and_their_count
         cwd=ROOT, env=child_environment({"PROMETHEUS_MULTIPROC_DIR": metrics_dir}), check=True, timeout=300,
         capture_output=True, text=True,
     ).stdout.strip()
-    files = sorted(path.name for path in metrics_dir.iterdir() if not path.name.endswith(f"_{master}.db"))
+    files = sorted(path.name for path in metrics_dir.glob("*.db") if not path.name.endswith(f"_{master}.db"))
     # One file per kind for all the dead workers: not three per worker that ever ran.
     assert files == ["counter_dead.db", "histogram_dead.db"], files
 
@@ -276,3 +276,42 @@ def test_the_metric_files_of_hundreds_of_dead_workers_are_merged_and_their_count
     assert total(samples, "http_request_duration_seconds_count", endpoint="<unmatched>") == 3 * restarts
     assert total(samples, "http_request_duration_seconds_bucket", endpoint="<unmatched>", le="0.005") == 3 * restarts
     assert not [s for s in samples if s[0] == "model_info"], "a dead worker's model is not served"
+
+
+def test_a_scrape_during_the_merge_of_dead_workers_counts_each_request_once(tmp_path):
+    import subprocess
+    import sys
+
+    from prometheus_client.parser import text_string_to_metric_families as parse
+
+    from service.observability import render_metrics
+    from tests.support import ROOT, child_environment
+
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    restarts = 400
+    # A master process restarting workers and merging their files, scraped meanwhile from here.
+    master = subprocess.Popen(
+        [sys.executable, "-m", "tests.metrics_workers", str(metrics_dir), str(restarts)],
+        cwd=ROOT, env=child_environment({"PROMETHEUS_MULTIPROC_DIR": metrics_dir}), stdout=subprocess.DEVNULL,
+    )
+    seen, errors = [], []
+    try:
+        while master.poll() is None:
+            try:
+                body, _ = render_metrics(str(metrics_dir))
+            except OSError as exc:  # a dead worker's file gone between the listing and the reading
+                errors.append(repr(exc))
+                continue
+            samples = [(s.name, s.labels, s.value) for family in parse(body.decode()) for s in family.samples]
+            seen.append(total(samples, "http_requests_total", endpoint="<unmatched>", status="200"))
+    finally:
+        master.wait(timeout=300)
+    assert master.returncode == 0
+    assert not errors, errors[:3]
+    assert len(seen) > 50, "too few scrapes to meet the merges"
+    # Requests are only ever added: a scrape that counted a dead worker twice shows more than the next.
+    assert all(later >= earlier for earlier, later in zip(seen, seen[1:])), [
+        (earlier, later) for earlier, later in zip(seen, seen[1:]) if later < earlier
+    ][:5]
+    assert max(seen) <= 3 * restarts

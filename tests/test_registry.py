@@ -1,11 +1,13 @@
 """The model registry: every model format it serves, the files it refuses, devices, provenance and rollouts."""
 
+import asyncio
 import hashlib
 import io
 import json
 import logging
 import os
 import pickle
+import threading
 import time
 from datetime import datetime
 
@@ -751,7 +753,9 @@ def test_a_transient_source_error_is_tried_again_later_with_a_growing_delay(tmp_
     assert watcher.look() is True and notified == [1]  # staged: nothing more until the reload
 
 
-@pytest.mark.parametrize("fault", [PermissionError(13, "Permission denied"), MemoryError(), KeyError("bug")])
+@pytest.mark.parametrize(
+    "fault", [PermissionError(13, "Permission denied"), MemoryError(), KeyError("bug"), asyncio.CancelledError()]
+)
 def test_an_unexpected_exception_is_logged_once_with_its_traceback_and_refuses_the_version(tmp_path, caplog, fault):
     path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
     source = FaultySource(path)
@@ -816,3 +820,93 @@ def test_a_parity_check_that_could_not_run_is_reported_as_such_and_run_again(tmp
     reports[0] = verify.VerifyReport(True, "accuracy 99%")
     assert watcher.look() is True and len(notified) == 1  # ran: the workers are reloaded to learn it
     assert not master.unchecked()
+
+
+def test_an_operators_reload_while_a_candidate_is_staged_neither_looks_again_nor_swaps_it_twice(tmp_path):
+    path = write_torchscript(tmp_path / "model.pt", COLOUR_METADATA)
+    source = BlockingSource(path)
+    master, counted = watched(source)
+    source.version = "2"
+    source.release.clear()
+    staging = threading.Thread(target=master.stage, args=("2",))
+    staging.start()
+    try:
+        assert source.entered.wait(10)  # the watcher is fetching version 2
+        located = source.located
+        rollout = master.refresh()  # the operator's SIGHUP meanwhile
+        assert rollout.outcome is Outcome.UNCHANGED and master.current.version == "1"
+        assert source.located == located, "the reload looked at the source again"
+    finally:
+        source.release.set()
+        staging.join(10)
+    assert master.staged.version == "2"
+    assert master.refresh().outcome is Outcome.SWAPPED and master.current.version == "2"  # the watcher's SIGHUP
+
+    # The same candidate staged again (it was swapped in meanwhile): dropped, not swapped twice.
+    master.staged = master.current
+    assert master.refresh().outcome is Outcome.UNCHANGED and master.staged is None
+    assert counted == [("swapped", "2")]
+
+
+class BlockingSource(FaultySource):
+    """A pointed source whose ``locate`` waits for the test: a download that takes a while."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.release.set()
+
+    def locate(self):
+        if self.version != "1":
+            self.entered.set()
+        assert self.release.wait(10)
+        return super().locate()
+
+
+@pytest.mark.parametrize("field", ["reason", "version"])
+def test_a_rollout_too_long_for_the_shared_record_is_cut_and_still_read_back(field):
+    from service.registry import Rollout, SharedRecord
+
+    shared = SharedRecord()
+    # An upstream error text in emoji: each character takes 12 bytes of JSON.
+    rollout = {"reason": "parity check failed", "version": "7", field: "\N{GRINNING FACE}" * 3000}
+    shared.set(Rollout(Outcome.REFUSED, rollout["version"], rollout["reason"]).as_dict())
+
+    read = shared.get()
+    assert read is not None, "the workers would see no rollout at all"
+    assert read["result"] == "refused" and read["at"]
+    assert read[field].startswith("\N{GRINNING FACE}" * 10) and read[field].endswith("…")
+    assert len(json.dumps(read).encode()) < SharedRecord.SIZE
+
+
+class CountedReads(dict):
+    """An app's config that counts how often each setting is read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads = {}
+
+    def _read(self, key):
+        self.reads[key] = self.reads.get(key, 0) + 1
+
+    def __getitem__(self, key):
+        self._read(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._read(key)
+        return super().get(key, default)
+
+
+def test_the_model_options_are_read_once_and_the_source_checks_downloads_with_them(tmp_path):
+    config = CountedReads(
+        PRED_MODEL_URI="models:/digits@champion", MODELS_DIR=str(tmp_path), ALLOW_MODEL_PROGRAMS=True,
+        MODEL_CODE_MODULES=["acme.nets"], MAX_MODEL_FILE_SIZE=8 * 1024**2,
+    )
+    registry = ModelRegistry.from_config(config)
+    options = ("ALLOW_MODEL_PROGRAMS", "MODEL_CODE_MODULES", "MAX_MODEL_FILE_SIZE")
+    assert {name: config.reads.get(name) for name in options} == dict.fromkeys(options, 1)
+    source = registry.source
+    assert (source.allow_programs, source.code_modules, source.max_file_size) == (True, ("acme.nets",), 8 * 1024**2)
+    assert (registry.allow_programs, registry.code_modules, registry.max_file_size) == (True, ("acme.nets",), 8 * 1024**2)
+    assert source.models_dir == str(tmp_path) and source.uri == "models:/digits@champion"

@@ -1,7 +1,9 @@
 """Rollouts that fail safely, on real gunicorn and a real ``mlflow server``, under load: a version
-with no model or over the size limit is refused once and no worker restarts for it; a download cut
-off and a tracking server that stops are tried again later; a worker killed before and after a
-rollout comes back."""
+with no model, over the size limit or whose network raises an unexpected exception is refused once
+and no worker restarts for it; an unreadable model file is refused on SIGHUP; a download cut off
+and a tracking server that stops (before or during a download) are tried again later; a worker
+killed before and after a rollout comes back; a master stopped while a worker boots exits at once;
+an operator's SIGHUP while a version is fetched neither fetches it again nor swaps it twice."""
 
 import json
 import os
@@ -9,20 +11,24 @@ import re
 import signal
 import time
 
+import psutil
 import pytest
 import requests
 import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from service import mlflow_store, verify
+from service import demo, mlflow_store, verify
 from service.formats import read_model_file
+from tests import faulty_nets
 from tests.support import (
+    Hold,
     cutting_proxy,
     mlflow_server,
     run_gunicorn,
     wait_for_workers,
     wait_until_ready,
+    write_network_checkpoint,
     write_template_checkpoint,
 )
 from tests.test_rollout import (
@@ -39,6 +45,9 @@ from tests.test_rollout import (
 )
 
 pytestmark = pytest.mark.slow
+
+FAULTY_NETS = faulty_nets.__name__  # a project module MODEL_CODE_MODULES allows in these tests
+DIGITS = [str(digit) for digit in range(10)]
 
 
 def worker_boots(server):
@@ -259,3 +268,180 @@ def test_workers_that_fail_their_warm_up_after_a_rollout_are_started_again_with_
         wait_until_ready(server.url, server.process, server.log_path, timeout=120)
         for _ in range(10):
             assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+
+
+def test_an_unexpected_exception_from_a_source_is_logged_once_and_refuses_the_version(tracking, tmp_path):
+    url, client = tracking
+    v1 = log_version(client, write_template_checkpoint(tmp_path / "v1" / "model.pt", seed=51))
+    # A whole checkpoint whose network, from an allowed project module, cannot be built: its builder
+    # raises asyncio's CancelledError, which is a BaseException, not an Exception.
+    metadata = {"architecture": f"{FAULTY_NETS}:cancelled", "labels": DIGITS, "input_shape": [1, 28, 28]}
+    cancelled = log_version(client, write_template_checkpoint(tmp_path / "v2" / "model.pt", seed=52, metadata=metadata))
+    v3 = log_version(client, write_template_checkpoint(tmp_path / "v3" / "model.pt", seed=53))
+    client.set_registered_model_alias(MODEL, ALIAS, v1)
+    env = alias_env(url, tmp_path, MODEL_CODE_MODULES=FAULTY_NETS)
+    with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
+        booted = worker_boots(server)
+
+        client.set_registered_model_alias(MODEL, ALIAS, cancelled)
+        server.wait_for(rf"rollout: refused {cancelled}, still serving {v1}: unexpected error: CancelledError")
+        time.sleep(POLL_SECONDS * 6)  # six more polls see the alias on the refused version
+        assert worker_boots(server) == booted, server.log()  # no reload for a refused version
+        assert served_version(server)[0] == v1
+        assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+        assert rollouts(server, "refused") == 1 and rollouts(server, "failed") == 0
+
+        client.set_registered_model_alias(MODEL, ALIAS, v3)  # the watcher is still watching
+        wait_for_version(server, v3)
+        server.wait_for(r"Booting worker with pid", count=booted + 2)
+        assert worker_boots(server) == booted + 2, server.log()  # one reload: two new workers
+        log = server.log()
+    assert len(re.findall(rf"rollout: refused {cancelled}", log)) == 1, log
+    assert len(re.findall(rf"rollout: unexpected error while looking at {cancelled}", log)) == 1, log
+    assert log.count("Traceback (most recent call last)") == 1 and "CancelledError: the builder's task was cancelled" in log
+    assert_every_answer_whole(load, allowed={v1, v3})
+
+
+@pytest.mark.parametrize("unreadable", ["mode 000", "a directory"])
+def test_an_unreadable_model_file_is_refused_on_sighup_and_the_served_model_stays(tmp_path, unreadable):
+    if unreadable == "mode 000" and os.geteuid() == 0:
+        pytest.skip("root reads a file whatever its mode; the directory case makes it unreadable instead")
+    path = write_template_checkpoint(tmp_path / "served" / "model.pt", seed=61)
+    with run_gunicorn(tmp_path, {"PRED_MODEL_PATH": path}) as server, continuous_load(server.url, tmp_path) as load:
+        v1 = served_version(server)[0]
+        booted = worker_boots(server)
+        if unreadable == "mode 000":
+            path.chmod(0)
+        else:  # the file moved aside and a directory in its place: no model file to read there
+            os.replace(path, path.with_name("aside.pt"))
+            path.mkdir()
+        os.kill(server.process.pid, signal.SIGHUP)
+        server.wait_for(rf"rollout: refused .*, still serving {v1}: PRED_MODEL_PATH: .*(Permission denied|is a directory)")
+        server.wait_for(r"Booting worker with pid", count=booted + 2)  # gunicorn's reload: two new workers
+        wait_for_version(server, v1)
+        assert server.process.poll() is None, server.log()
+        assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+        assert worker_boots(server) == booted + 2, server.log()  # no more
+        assert rollouts(server, "refused") == 1
+
+        # Readable again, with a new model: the operator's next SIGHUP serves it.
+        if unreadable == "mode 000":
+            path.chmod(0o644)
+        else:
+            path.rmdir()
+        os.replace(write_template_checkpoint(tmp_path / "new.pt", seed=62), path)
+        os.kill(server.process.pid, signal.SIGHUP)
+        v2 = wait_for(lambda: served_version(server)[0], lambda version: version != v1, server)
+        wait_for_version(server, v2)
+        server.wait_for(r"Booting worker with pid", count=booted + 4)
+        assert worker_boots(server) == booted + 4, server.log()
+    log = server.log()
+    assert len(re.findall(r"rollout: refused", log)) == 1 and "Traceback" not in log, log
+    assert_every_answer_whole(load, allowed={v1, v2})
+
+
+def test_a_tracking_server_stopped_during_a_download_is_waited_for_then_the_version_served(tmp_path):
+    store = tmp_path / "mlflow"
+    tracking_server = mlflow_server(store)
+    url = tracking_server.__enter__()
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        client = MlflowClient(tracking_uri=url)
+        client.create_registered_model(MODEL)
+        v1 = log_version(client, write_template_checkpoint(tmp_path / "v1" / "model.pt", seed=71))
+        # 16 MB: a transfer that takes a while, stopped halfway.
+        big = write_template_checkpoint(tmp_path / "v2" / "model.pt", seed=72, ballast=torch.zeros(4_000_000))
+        v2 = log_version(client, big)
+        client.set_registered_model_alias(MODEL, ALIAS, v1)
+        mlflow_store.fetch_model_uri(f"models:/{MODEL}@{ALIAS}", tmp_path / "models", url)  # v1 is on disk already
+        hold = Hold()
+        with cutting_proxy(url, "dropped", cuts=1, hold=hold) as proxy_url:
+            # MLflow's client would look the run up again after the broken transfer, retrying with
+            # its own backoff for minutes (7 tries by default) before the watcher's turn comes.
+            env = alias_env(proxy_url, tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES=0)
+            with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
+                booted = worker_boots(server)
+                client.set_registered_model_alias(MODEL, ALIAS, v2)
+                assert hold.reached.wait(60), server.log()  # half of v2's model.pt is on its way
+                tracking_server.__exit__(None, None, None)  # the tracking server stops...
+                tracking_server = None
+                hold.release.set()  # ...and the transfer breaks off
+                server.wait_for(rf"cannot fetch or check {v2} for now, still serving {v1}: .*downloading")
+                server.wait_for(r"cannot look for a new model: .*cannot reach the MLflow tracking server")
+                server.wait_for(r"looking again in \d+ s", count=2)
+                assert worker_boots(server) == booted, server.log()  # waiting costs no reload
+                assert served_version(server)[0] == v1
+                assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+                with mlflow_server(store, port=port):
+                    wait_for_version(server, v2, timeout=180)
+                    server.wait_for(r"Booting worker with pid", count=booted + 2)
+                    assert worker_boots(server) == booted + 2, server.log()  # one reload, once it was whole
+                log = server.log()
+    finally:
+        if tracking_server is not None:
+            tracking_server.__exit__(None, None, None)
+    delays = [int(d) for d in re.findall(r"looking again in (\d+) s", log)]
+    assert delays[:3] == [2, 4, 8], log  # a growing delay
+    assert "Traceback" not in log, log
+    assert not list((tmp_path / "models").glob(".*.partial")), "the broken download is cleaned up"
+    assert_every_answer_whole(load, allowed={v1, v2})
+
+
+def test_a_master_stopped_while_a_worker_boots_exits_at_once_with_everything_it_started(tmp_path):
+    path = write_network_checkpoint(
+        tmp_path / "served" / "model.pt", faulty_nets.SlowFirstRun(), architecture=f"{FAULTY_NETS}:SlowFirstRun",
+        labels=DIGITS, input_shape=[1, 28, 28],
+    )
+    flag = tmp_path / "slow"
+    env = {"PRED_MODEL_PATH": path, "MODEL_CODE_MODULES": FAULTY_NETS, faulty_nets.SLOW_FLAG_VARIABLE: flag}
+    with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
+        workers = wait_for_workers(server.process, 2)
+        flag.touch()  # from now on, a worker's warm-up takes minutes
+        os.kill(min(workers), signal.SIGKILL)
+        server.wait_for(r"warming up slowly")  # its replacement is booting
+        assert worker_boots(server) == 3, server.log()
+        group = [process.pid for process in psutil.Process(server.process.pid).children()] + [server.process.pid]
+
+        started = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)  # what systemd or docker stop sends: to the master only
+        returncode = server.process.wait(timeout=60)
+        seconds = time.monotonic() - started
+        log = server.log()
+        assert returncode == 0, log
+        # Well within the graceful timeout (30 s): the booting worker does not finish its warm-up first.
+        assert seconds < 10, (seconds, log)
+        assert not demo._group_alive(server.process.pid) and not [p for p in group if psutil.pid_exists(p)], log
+    assert worker_boots(server) == 3, log  # none started while stopping
+    assert "Traceback" not in log, log
+    answered = [result for result in load.results if result["status"] is not None]
+    assert answered and all(result["status"] == 200 for result in answered), answered[:5]
+
+
+def test_an_operators_sighup_while_a_version_is_fetched_neither_fetches_it_again_nor_swaps_it_twice(tracking, tmp_path):
+    url, client = tracking
+    v1 = log_version(client, write_template_checkpoint(tmp_path / "v1" / "model.pt", seed=81))
+    v2 = log_version(client, write_template_checkpoint(tmp_path / "v2" / "model.pt", seed=82))
+    v2_run = client.get_model_version(MODEL, v2).run_id
+    client.set_registered_model_alias(MODEL, ALIAS, v1)
+    mlflow_store.fetch_model_uri(f"models:/{MODEL}@{ALIAS}", tmp_path / "models", url)  # v1 is on disk already
+    hold = Hold()
+    with cutting_proxy(url, "held", cuts=1, hold=hold) as proxy_url:
+        with run_gunicorn(tmp_path, alias_env(proxy_url, tmp_path)) as server, continuous_load(server.url, tmp_path) as load:
+            booted = worker_boots(server)
+            client.set_registered_model_alias(MODEL, ALIAS, v2)
+            assert hold.reached.wait(60), server.log()  # the watcher is halfway through v2's download
+            os.kill(server.process.pid, signal.SIGHUP)  # the operator's reload meanwhile
+            server.wait_for(r"Booting worker with pid", count=booted + 2)  # gunicorn's reload, on v1
+            assert served_version(server)[0] == v1
+            hold.release.set()
+            wait_for_version(server, v2)
+            time.sleep(POLL_SECONDS * 4)
+            assert worker_boots(server) == booted + 4, server.log()  # the operator's reload, then v2's: no third
+            assert rollouts(server, "swapped") == 1
+            log = server.log()
+    assert len(re.findall(rf"downloading run {v2_run}", log)) == 1, log  # fetched once, by the watcher
+    assert len(re.findall(rf"loaded \S*{v2_run}", log)) == 1, log  # read and checked once
+    assert f"run {v2_run} is already downloaded" not in log, log  # never looked up again on the main loop
+    assert len(re.findall(r"rollout: now serving", log)) == 1, log
+    assert "Traceback" not in log, log
+    assert_every_answer_whole(load, allowed={v1, v2})

@@ -200,3 +200,20 @@ def test_a_tracking_server_already_running_is_left_running_and_the_demo_says_so(
         assert "Ctrl-C stops the service; the tracking server, started elsewhere, keeps running" in served.log()
         assert "stops the service and the tracking server" not in served.log()
         assert demo.tracking_server_answers(url)
+
+
+@pytest.mark.parametrize("group", ["gone already", "not ours to signal"])
+def test_stop_ends_a_child_whose_group_is_gone_or_cannot_be_signalled(group, monkeypatch):
+    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    if group == "gone already":
+        process.kill()
+        process.wait()  # reaped: its process group is empty
+    else:
+        def refused(pgid, signum):  # what killpg says for a member run by another user (or, on macOS, zombies only)
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "killpg", refused)
+    started = time.monotonic()
+    demo.stop(process, timeout=5)
+    assert process.returncode is not None and not running([process.pid])
+    assert time.monotonic() - started < 5, "the child itself was stopped, not waited out"

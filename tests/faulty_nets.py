@@ -1,0 +1,41 @@
+"""Networks of a project's own package (allowed with MODEL_CODE_MODULES=tests.faulty_nets) that
+fail the way real code can: the fault-injection tests serve them on real gunicorn."""
+
+import asyncio
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+# A file whose presence makes SlowFirstRun's first forward pass in each process take this long.
+SLOW_FLAG_VARIABLE = "SLOW_FIRST_RUN_FLAG"
+SLOW_SECONDS = 120
+
+
+def cancelled(num_classes):
+    """A builder whose own code was cancelled: asyncio's CancelledError is a BaseException, not an Exception."""
+    raise asyncio.CancelledError("the builder's task was cancelled")
+
+
+cancelled.__network_builder__ = True
+
+
+class SlowFirstRun(nn.Module):
+    """A linear digit classifier whose first forward pass in a process (a worker's warm-up) takes
+    SLOW_SECONDS once the file SLOW_FIRST_RUN_FLAG names exists: a worker that boots for minutes."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, num_classes)
+        self.ran = False
+
+    def forward(self, x):
+        if not self.ran:
+            self.ran = True
+            flag = os.environ.get(SLOW_FLAG_VARIABLE)
+            if flag and os.path.exists(flag):
+                print(f"pid {os.getpid()}: warming up slowly", file=sys.stderr, flush=True)
+                time.sleep(SLOW_SECONDS)
+        return torch.log_softmax(self.fc(x.flatten(1)), 1)
