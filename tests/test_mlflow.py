@@ -4,7 +4,6 @@ import hashlib
 import importlib.metadata
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
