@@ -139,6 +139,11 @@ def _torchvision(name, builder):
         return Architecture(name, tv_models.get_model_builder(builder), TORCHVISION, f"torchvision {torchvision.__version__}")
     for task, module in _OTHER_TASKS.items():
         if builder in tv_models.list_models(module=module):
+            if module is tv_models.quantization:
+                raise ArchitectureError(
+                    f"architecture {name!r} is a quantized torchvision classifier, built for int8 inference: "
+                    f"serve its float network (torchvision:{builder.removeprefix('quantized_')}) with the float weights"
+                )
             raise ArchitectureError(
                 f"architecture {name!r} is a torchvision {task} network, not an image classifier; "
                 f"{LIST_COMMAND} lists the classifiers"

@@ -294,6 +294,8 @@ def refusal(path, **settings):
         ({"architecture": "torchvision:deeplabv3_resnet50"}, "segmentation network"),
         ({"architecture": "torchvision:r3d_18"}, "video network"),
         ({"architecture": "torchvision:raft_small"}, "optical flow network"),
+        ({"architecture": "torchvision:quantized_resnet18"}, "quantized torchvision classifier, built for int8 "
+         "inference: serve its float network (torchvision:resnet18)"),
         ({"architecture": "resnet18"}, "unknown architecture 'resnet18'"),
         ({"architecture": "torchvision:mobilenet_v3_small", "weights": "NoSuch_Weights.V1"}, "unknown weights"),
         ({"architecture": "torchvision:mobilenet_v3_small", "weights": "ResNet18_Weights.IMAGENET1K_V1"},
@@ -697,3 +699,29 @@ def test_a_project_module_that_exits_on_import_is_refused_and_the_service_goes_o
     path = checkpoint(tmp_path / "m.pt", network("squeezenet1_1"), **{**OWN_INPUT, "architecture": f"{name}.quits:Net"})
     message = refusal(path, code_modules=(name,))
     assert f"cannot import {name}.quits: SystemExit: 3" in message
+
+
+RECIPE_3_CHECK = textwrap.dedent(
+    """
+    import sys
+    import mlflow
+    from service.formats import read_model_file
+
+    exec(compile(sys.stdin.read(), "README recipe 3", "exec"), {})
+    folder = mlflow.artifacts.download_artifacts("models:/pets/1", dst_path="downloaded")
+    classifier = read_model_file(folder).classifier  # ALLOW_MODEL_PROGRAMS is off: only weights are read
+    print(type(classifier.module).__name__, classifier.labels, classifier.input_spec.resize)
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_readme_recipe_for_a_network_logged_with_mlflow_runs_as_written(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", RECIPE_3_CHECK], input=readme_recipe(3), cwd=tmp_path, capture_output=True,
+        text=True, timeout=600,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT),
+             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "ResNet ('cat', 'dog', 'rabbit') 256"
