@@ -22,7 +22,7 @@ import torch
 
 from config.settings import Settings, server_from_env
 from service import observability
-from service.registry import EXTENSION, AliasWatcher, ModelLoadError
+from service.registry import EXTENSION, AliasWatcher, ModelLoadError, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,19 @@ log = logging.getLogger(__name__)
 WORKER_RETRY_EXIT = 1
 # A worker that fails to start waits before it exits, longer each time in a row, up to this.
 WORKER_RETRY_MAX_SECONDS = 30
+# After a rollout, this many workers in a row failing to start it (none started) roll it back.
+ROLLBACK_AFTER_FAILURES = 3
 
 
 class WorkerBoots:
     """How workers started since the master did, shared by the master and its workers (made in
     the master before the first fork): whether any worker ever became ready — until then a
-    failure stops start-up; after, a failing worker is started again — and the failures in a row."""
+    failure stops start-up; after, a failing worker is started again — the failures in a row,
+    and whether a worker started the version the last rollout swapped in."""
 
     def __init__(self):
-        self._counts = multiprocessing.RawArray("q", 2)  # [workers ready so far, failures in a row]
+        # [workers ready so far, failures in a row, workers ready when the last rollout swapped]
+        self._counts = multiprocessing.RawArray("q", 3)
 
     @property
     def first(self):
@@ -60,6 +64,21 @@ class WorkerBoots:
         """A worker failed to start: the seconds it waits before it exits (doubling in a row)."""
         self._counts[1] += 1
         return min(WORKER_RETRY_MAX_SECONDS, 0.5 * 2 ** min(self._counts[1] - 1, 16))
+
+    @property
+    def failures(self):
+        """Workers that failed to start in a row."""
+        return self._counts[1]
+
+    def swapped(self):
+        """The master swapped in a new version: from now on, its workers' starts count."""
+        self._counts[2] = self._counts[0]
+        self._counts[1] = 0
+
+    @property
+    def swapped_version_started(self):
+        """True once a worker started after the last swap (or when there was none)."""
+        return self._counts[0] > self._counts[2]
 
 
 class EscapedOnUse(dict):
@@ -135,9 +154,13 @@ def when_ready(server):
 
 
 def on_reload(server):
-    """In the master, on SIGHUP, before the new workers are forked: roll out a new version, if any."""
+    """In the master, on SIGHUP, before the new workers are forked: roll out a new version, if any
+    (or back to the one before, when the workers could not start a new one)."""
+    boots = getattr(server, "worker_boots", None)
     try:
-        registry_of(server).refresh()
+        rollout = registry_of(server).refresh()
+        if boots is not None and rollout.outcome is Outcome.SWAPPED:
+            boots.swapped()
     except Exception:  # refresh turns every error into an outcome; this is the last guard of gunicorn's loop
         log.exception("rollout: unexpected error; the served model stays")
     # The old model's objects were frozen before the last fork: unfreeze them so that whatever
@@ -213,8 +236,30 @@ def post_request(worker, req, environ, resp):
 
 
 def child_exit(server, worker):
-    """Drop a dead worker's live gauges from the merged metrics, and fold its counts into the totals."""
+    """Drop a dead worker's live gauges from the merged metrics, and fold its counts into the
+    totals; then roll back a version whose workers cannot start (:func:`roll_back_if_failing`)."""
     try:
         observability.mark_process_dead(worker.pid, server.app.wsgi().config["PROMETHEUS_MULTIPROC_DIR"])
     except Exception:  # the metrics must never take the master down
         log.exception("merging the metrics of worker %s failed", worker.pid)
+    roll_back_if_failing(server)
+
+
+def roll_back_if_failing(server):
+    """In the master, when a worker has exited: once a worker started the version the last rollout
+    swapped in, let the one it replaced go; while none did and ROLLBACK_AFTER_FAILURES in a row
+    failed, refuse it and reload onto the version before (the registry keeps it until then).
+    A version that never started — or the first boot — has nothing to go back to: its workers
+    go on trying, with backoff."""
+    boots = getattr(server, "worker_boots", None)
+    if boots is None:
+        return
+    try:
+        registry = registry_of(server)
+        if boots.swapped_version_started:
+            registry.started()
+        elif boots.failures >= ROLLBACK_AFTER_FAILURES:
+            if registry.roll_back(f"{boots.failures} workers in a row failed their warm-up") is not None:
+                os.kill(os.getpid(), signal.SIGHUP)
+    except Exception:  # must never take the master down
+        log.exception("rolling back a version whose workers cannot start failed")

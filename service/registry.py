@@ -204,6 +204,10 @@ class ModelRegistry:
         self.threads = None
         # A checked candidate the watcher staged, waiting for the reload that swaps it in.
         self.staged = None
+        # In a master, the version the last swap replaced, kept until the new one's workers start,
+        # to go back to if they cannot (:meth:`roll_back`); why the next swap is a rollback.
+        self.previous = None
+        self._rolling_back = None
         # Versions refused, with why: the watcher never tries them again.
         self.refused = OrderedDict()
         # The parity check's report of each version (by SHA-256), run once in the process that loads.
@@ -348,7 +352,30 @@ class ModelRegistry:
             elif self._serves(staged):
                 log.info("rollout: %s is served already", staged.version)
                 return Rollout(Outcome.UNCHANGED, self.current.version)
-            return self._swap(staged)
+            reason, self._rolling_back = self._rolling_back, None
+            return self._swap(staged, reason)
+
+    def roll_back(self, reason):
+        """In a master whose workers cannot start the served version (their warm-up fails, though the
+        master's own check passed: a device out of memory, a network that fails on its second run):
+        refuse it, once, and stage the version it replaced for the next reload. Returns the refusal,
+        or None when there is nothing to go back to (then the workers go on trying, with backoff)."""
+        with self._lock:
+            previous, current = self.previous, self.current
+            if previous is None or current is None or self.staged is not None:
+                return None
+            self.previous = None
+            log.error("rollout: %s cannot start in the workers (%s): going back to %s", current.version, reason,
+                      previous.version)
+            self._remember_refused(current.version, f"its workers cannot start: {reason}")
+            rollout = self._record(Rollout(Outcome.REFUSED, current.version, f"its workers cannot start: {reason}"))
+            self.staged = previous
+            self._rolling_back = f"back from {current.version}, whose workers cannot start"
+            return rollout
+
+    def started(self):
+        """In a master: a worker started the served version, so the one it replaced is let go."""
+        self.previous = None
 
     def stage(self, pointed=None):
         """Fetch and check the version the source points at (``pointed``, as :meth:`pending_version`
@@ -471,11 +498,14 @@ class ModelRegistry:
     def _refuse(self, version, reason):
         current = self.current.version if self.current is not None else None
         log.error("rollout: refused %s, still serving %s: %s", version, current, reason)
+        self._remember_refused(version, reason)
+        return self._record(Rollout(Outcome.REFUSED, version, reason))
+
+    def _remember_refused(self, version, reason):
         if version is not None:
             self.refused[version] = reason
             while len(self.refused) > REFUSED_KEPT:
                 self.refused.popitem(last=False)
-        return self._record(Rollout(Outcome.REFUSED, version, reason))
 
     def _could_not(self, version, reason):
         current = self.current.version if self.current is not None else None
@@ -608,8 +638,10 @@ class ModelRegistry:
         self.parity[served.info["sha256"]] = report
         return report
 
-    def _swap(self, candidate):
-        """Serve ``candidate`` from now on; the old version is released once no request holds it."""
+    def _swap(self, candidate, reason=None):
+        """Serve ``candidate`` from now on (``reason``: why, when it is a rollback); in a serving
+        process the old version is released once no request holds it, in a master it is kept
+        until a worker started the new one."""
         previous, serving = self.current, self.state is State.READY
         if serving:
             state = (self.state, self.problem, self.reason)
@@ -623,8 +655,9 @@ class ModelRegistry:
                 self.state, self.problem, self.reason = state
                 return self._refuse(candidate.version, problem)
         self.current = candidate
-        log.info("rollout: now serving %s (was %s)", candidate.version, previous.version)
-        return self._record(Rollout(Outcome.SWAPPED, candidate.version))
+        self.previous = None if serving else previous
+        log.info("rollout: now serving %s (was %s)%s", candidate.version, previous.version, f": {reason}" if reason else "")
+        return self._record(Rollout(Outcome.SWAPPED, candidate.version, reason))
 
     def _count(self, rollout):
         if self.on_rollout is not None:

@@ -12,6 +12,8 @@ from torch import nn
 # A file whose presence makes SlowFirstRun's first forward pass in each process take this long.
 SLOW_FLAG_VARIABLE = "SLOW_FIRST_RUN_FLAG"
 SLOW_SECONDS = 120
+# A file whose presence makes FailsWhenFlagged's forward pass fail.
+FAIL_FLAG_VARIABLE = "FAIL_FLAG"
 
 
 def cancelled(num_classes):
@@ -38,4 +40,19 @@ class SlowFirstRun(nn.Module):
             if flag and os.path.exists(flag):
                 print(f"pid {os.getpid()}: warming up slowly", file=sys.stderr, flush=True)
                 time.sleep(SLOW_SECONDS)
+        return torch.log_softmax(self.fc(x.flatten(1)), 1)
+
+
+class FailsWhenFlagged(nn.Module):
+    """A linear digit classifier whose forward pass fails while the file FAIL_FLAG names exists:
+    a worker started then cannot warm up (a device out of memory, a file gone)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, num_classes)
+
+    def forward(self, x):
+        flag = os.environ.get(FAIL_FLAG_VARIABLE)
+        if flag and os.path.exists(flag):
+            raise RuntimeError("the warm-up fails while the flag file exists")
         return torch.log_softmax(self.fc(x.flatten(1)), 1)

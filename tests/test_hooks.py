@@ -1,9 +1,15 @@
-"""What gunicorn's hooks call, without gunicorn: the metrics directory across reloads, one-line errors."""
+"""What gunicorn's hooks call, without gunicorn: the metrics directory across reloads, one-line
+errors, rolling back a version whose workers cannot start."""
 
 import os
+import signal
+from types import SimpleNamespace
 
 from config import metrics_dir
+from service import hooks
 from service.hooks import one_line
+from service.registry import EXTENSION, ModelRegistry, Outcome
+from tests.support import write_template_checkpoint
 
 
 def test_a_configured_metrics_directory_is_emptied_of_old_metric_files_only(tmp_path):
@@ -104,3 +110,60 @@ def test_torch_threads_follow_the_cgroup_v2_cpu_quota(tmp_path):
     proc.write_text("12:cpu,cpuacct:/docker/abc\n")  # cgroup v1 only: no v2 quota to read
     assert cgroup_cpu_limit(proc, root) is None
     assert cgroup_cpu_limit(tmp_path / "missing", root) is None
+
+
+def master_of(registry):
+    """A stand-in for gunicorn's arbiter as the hooks see it: its app's registry and its worker boots."""
+    app = SimpleNamespace(extensions={EXTENSION: registry}, config={})
+    return SimpleNamespace(app=SimpleNamespace(wsgi=lambda: app), worker_boots=hooks.WorkerBoots())
+
+
+def test_a_version_whose_workers_cannot_start_is_refused_once_and_the_one_before_served_again(tmp_path, monkeypatch):
+    signals = []
+    monkeypatch.setattr(hooks.os, "kill", lambda pid, signum: signals.append(signum))
+    path = write_template_checkpoint(tmp_path / "model.pt", seed=1)
+    registry = ModelRegistry.from_config({"PRED_MODEL_PATH": str(path)})
+    registry.load()  # as the master does before it forks
+    server = master_of(registry)
+    first = registry.current.version
+    boots = server.worker_boots
+    boots.started(), boots.started()
+
+    for _ in range(hooks.ROLLBACK_AFTER_FAILURES):  # a worker respawned before any rollout: nothing to go back to
+        boots.failed()
+        hooks.roll_back_if_failing(server)
+    assert signals == [] and registry.current.version == first
+    boots.started()
+
+    os.replace(write_template_checkpoint(tmp_path / "second.pt", seed=2), path)
+    hooks.on_reload(server)
+    second = registry.current.version
+    assert second != first and registry.previous.version == first
+    for _ in range(hooks.ROLLBACK_AFTER_FAILURES - 1):
+        boots.failed()
+        hooks.roll_back_if_failing(server)
+    assert signals == []
+    boots.failed()
+    hooks.roll_back_if_failing(server)
+    assert signals == [signal.SIGHUP]
+    assert registry.last_rollout.outcome is Outcome.REFUSED and registry.last_rollout.version == second
+    assert "3 workers in a row failed their warm-up" in registry.refused[second]
+    boots.failed()
+    hooks.roll_back_if_failing(server)  # the workers of the refused version exit as the reload retires them
+    assert signals == [signal.SIGHUP]  # refused once
+
+    hooks.on_reload(server)  # the SIGHUP: back on the first version, without looking at the file again
+    assert registry.current.version == first and registry.previous.version == second
+    assert registry.last_rollout.outcome is Outcome.SWAPPED and "cannot start" in registry.last_rollout.reason
+    boots.started()
+    hooks.roll_back_if_failing(server)  # a worker started it: the version before is let go
+    assert registry.previous is None and boots.failures == 0
+
+    os.replace(write_template_checkpoint(tmp_path / "third.pt", seed=3), path)
+    hooks.on_reload(server)
+    boots.started()
+    hooks.roll_back_if_failing(server)
+    for _ in range(hooks.ROLLBACK_AFTER_FAILURES):  # a later respawn that fails: the version did start
+        boots.failed()
+        hooks.roll_back_if_failing(server)
+    assert signals == [signal.SIGHUP] and registry.previous is None

@@ -242,32 +242,73 @@ class SecondRunFails(nn.Module):
 
 
 @pytest.mark.filterwarnings(r"ignore:`torch\.jit\.(script|save)` is deprecated:FutureWarning")
-def test_workers_that_fail_their_warm_up_after_a_rollout_are_started_again_with_a_growing_delay(tmp_path):
+def test_a_version_whose_workers_fail_their_warm_up_is_rolled_back_to_the_one_before(tmp_path):
+    """The master's check passes, every worker forked after it fails: after a few tries with a
+    growing delay, the version is refused once and the one before serves again; the requests
+    sent meanwhile wait in the listen queue and are answered."""
     path = write_template_checkpoint(tmp_path / "served" / "model.pt", seed=1)
     env = {"PRED_MODEL_PATH": path, "ALLOW_MODEL_PROGRAMS": "1"}
-    with run_gunicorn(tmp_path, env) as server:
+    with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
+        first, _ = served_version(server)
         workers = wait_for_workers(server.process, 2)
         os.kill(min(workers), signal.SIGKILL)  # before the rollout: replaced, the server goes on
         wait_for_workers(server.process, 2, exclude={min(workers)})
+        assert worker_boots(server) == 3, server.log()
 
         staged = tmp_path / "staged.pt"
-        metadata = {"labels": [str(d) for d in range(10)], "input_shape": [1, 28, 28]}
+        metadata = {"labels": DIGITS, "input_shape": [1, 28, 28]}
         torch.jit.save(torch.jit.script(SecondRunFails()), str(staged), _extra_files={"metadata.json": json.dumps(metadata)})
         os.replace(staged, path)
         os.kill(server.process.pid, signal.SIGHUP)  # checked in the master (its run passes), then workers fail
-        server.wait_for(r"has run before.*this worker exits in 2 s", timeout=120)
-        assert server.process.poll() is None, server.log()  # the server stays up, and keeps trying
+        server.wait_for(r"cannot start in the workers .* going back to", timeout=120)
+        server.wait_for(r"rollout: now serving .* back from", timeout=60)
+        wait_until_ready(server.url, server.process, server.log_path, timeout=120)
+        assert served_version(server)[0] == first
+        time.sleep(3)
         log = server.log()
+        assert server.process.poll() is None, log
         assert "exited with code 1" in log and "Worker failed to boot" not in log, log
         delays = [float(d) for d in re.findall(r"this worker exits in ([\d.]+) s", log)]
-        assert delays[:3] == [0.5, 1, 2], delays  # not a respawn as fast as the master can fork
-
-        good = write_template_checkpoint(tmp_path / "good.pt", seed=2)
-        os.replace(good, path)
-        os.kill(server.process.pid, signal.SIGHUP)
-        wait_until_ready(server.url, server.process, server.log_path, timeout=120)
+        assert delays[:2] == [0.5, 1], delays  # not a respawn as fast as the master can fork
+        assert len(re.findall(r"going back to", log)) == 1, log  # refused once
+        # Three boots before the rollout, two for the failing version and its tries, two back on the first.
+        assert 3 + 2 + 2 <= worker_boots(server) <= 3 + 2 + 4 + 2, log
         for _ in range(10):
             assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+        rollout = served_version(server)[1]["rollout"]
+        assert rollout["result"] == "swapped" and "cannot start" in rollout["reason"], rollout
+    assert_every_answer_whole(load, allowed={first})
+    assert "Traceback" not in log, log
+
+
+def test_a_worker_respawned_before_any_rollout_that_fails_its_warm_up_is_started_again_and_the_server_stays(tmp_path):
+    """No rollout has happened: a replacement worker that cannot warm up is not the first boot
+    (which would stop the server) and has nothing to roll back to: it is started again, with a
+    growing delay, while the other worker answers; once the fault is gone it comes back."""
+    path = write_network_checkpoint(
+        tmp_path / "served" / "model.pt", faulty_nets.FailsWhenFlagged(), architecture=f"{FAULTY_NETS}:FailsWhenFlagged",
+        labels=DIGITS, input_shape=[1, 28, 28],
+    )
+    flag = tmp_path / "fail"
+    env = {"PRED_MODEL_PATH": path, "MODEL_CODE_MODULES": FAULTY_NETS, faulty_nets.FAIL_FLAG_VARIABLE: flag,
+           "INFERENCE_ENGINE": "torch"}  # the network's own forward pass runs in the workers
+    with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
+        version, _ = served_version(server)
+        workers = wait_for_workers(server.process, 2)
+        booted = worker_boots(server)
+        flag.touch()  # from now on, a worker's warm-up fails
+        os.kill(min(workers), signal.SIGKILL)
+        server.wait_for(r"this worker exits in 2 s", timeout=120)
+        log = server.log()
+        assert server.process.poll() is None, log
+        assert "Worker failed to boot" not in log and "going back to" not in log, log
+        assert worker_boots(server) >= booted + 3, log
+        flag.unlink()
+        wait_for_workers(server.process, 2, exclude={min(workers)})
+        server.wait_for(r"warm-up forward pass took", count=3, timeout=120)
+        log = server.log()
+    assert_every_answer_whole(load, allowed={version})
+    assert "Traceback" not in log, log
 
 
 def test_an_unexpected_exception_from_a_source_is_logged_once_and_refuses_the_version(tracking, tmp_path):
@@ -393,7 +434,8 @@ def test_a_master_stopped_while_a_worker_boots_exits_at_once_with_everything_it_
         labels=DIGITS, input_shape=[1, 28, 28],
     )
     flag = tmp_path / "slow"
-    env = {"PRED_MODEL_PATH": path, "MODEL_CODE_MODULES": FAULTY_NETS, faulty_nets.SLOW_FLAG_VARIABLE: flag}
+    env = {"PRED_MODEL_PATH": path, "MODEL_CODE_MODULES": FAULTY_NETS, faulty_nets.SLOW_FLAG_VARIABLE: flag,
+           "INFERENCE_ENGINE": "torch"}  # the network's own forward pass runs in the workers
     with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
         workers = wait_for_workers(server.process, 2)
         flag.touch()  # from now on, a worker's warm-up takes minutes
