@@ -66,7 +66,7 @@ FLOORS = (
     ("model", "bench.floors:model_floor", "floor: bare Flask view + the model's calls"),
 )
 NGINX_LABEL = "through nginx (deploy/nginx.conf), 1 image per request"
-ONNX_LABEL = "INFERENCE_ENGINE=auto (ONNX Runtime), 1 image per request"
+TORCH_LABEL = "INFERENCE_ENGINE=torch (eager PyTorch), 1 image per request"
 PREDICT = "/api/v1/model/predict"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # Between BEGIN and END, the photos' report follows this line: `--photos-only` rewrites it alone.
@@ -935,12 +935,12 @@ def bench_digits(args):
             print(f"wrk: the model floor and the service taking turns, {args.pair_rounds} rounds ...", flush=True)
             paired = measure_paired({"model": model_floor, "service": server}, 8, png_path, args.pair_duration,
                                     args.pair_rounds)
-        # The same service with ONNX Runtime running the network: what the engine is worth as served.
-        with Gunicorn(folder / "gunicorn-onnx.log", args.workers, model_path=model_path,
-                      env={"INFERENCE_ENGINE": "auto"}) as onnx_server:
+        # The same service with eager PyTorch running the network: what the engine is worth as served.
+        with Gunicorn(folder / "gunicorn-torch.log", args.workers, model_path=model_path,
+                      env={"INFERENCE_ENGINE": "torch"}) as torch_server:
             for connections in side:
-                print(f"wrk: {ONNX_LABEL}, {connections} connection(s) ...", flush=True)
-                run = measure_http(onnx_server, connections, png_path, 1, args.duration, label=ONNX_LABEL)
+                print(f"wrk: {TORCH_LABEL}, {connections} connection(s) ...", flush=True)
+                run = measure_http(torch_server, connections, png_path, 1, args.duration, label=TORCH_LABEL)
                 run.ratio = run.images_per_s / limits[1].images_per_s
                 proxied.append(run)
         print("the engines side by side, in this process ...", flush=True)
@@ -978,8 +978,9 @@ def bench_digits(args):
         split_table(parts) if parts else "(needs the floors and the service at concurrency 8)",
         f"![Throughput and p99 latency against concurrency]({args.plot.resolve().relative_to(args.output.resolve().parent)})",
         "### The engines (INFERENCE_ENGINE)",
-        "The service rows above run with the default engine, `torch` (eager PyTorch, as the no-HTTP limit). "
-        f"The row \"{ONNX_LABEL}\" is the same service with ONNX Runtime running the service's own export. Below, in this process with one thread (bench/engines.py): the forward pass "
+        "The service rows above run with the default engine, `auto` (ONNX Runtime running the service's own "
+        "export, checked against PyTorch); the no-HTTP limit is eager PyTorch. "
+        f"The row \"{TORCH_LABEL}\" is the same service with eager PyTorch. Below, in this process with one thread (bench/engines.py): the forward pass "
         "alone and the model's calls for one digit, with each engine.",
         engines.table(engine_pairs),
         "### Targets",

@@ -41,7 +41,7 @@ class Settings:
     ALLOW_MODEL_PROGRAMS: bool = False
     MODEL_CODE_MODULES: tuple[str, ...] = ()
     MAX_MODEL_FILE_SIZE: int = 2 * 1024**3
-    INFERENCE_ENGINE: str = "torch"
+    INFERENCE_ENGINE: str = "auto"
     LOG_LEVEL: str = "INFO"
     LOG_FORMAT: str = "text"
     API_KEY: str | None = field(default=None, repr=False)
@@ -192,7 +192,7 @@ def from_env(environ=None):
         ALLOW_MODEL_PROGRAMS=_flag(environ, "ALLOW_MODEL_PROGRAMS"),
         MODEL_CODE_MODULES=code_modules,
         MAX_MODEL_FILE_SIZE=_size(environ, "MAX_MODEL_FILE_SIZE", Settings.MAX_MODEL_FILE_SIZE),
-        INFERENCE_ENGINE=_choice(environ, "INFERENCE_ENGINE", "torch", ("auto", "torch", "onnxruntime")),
+        INFERENCE_ENGINE=_choice(environ, "INFERENCE_ENGINE", "auto", ("auto", "torch", "onnxruntime")),
         LOG_LEVEL=_choice(environ, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
         LOG_FORMAT=_choice(environ, "LOG_FORMAT", "text", ("text", "json")),
         API_KEY=_text(environ, "API_KEY"),

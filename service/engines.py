@@ -17,12 +17,18 @@ Like :mod:`service.inference`, this module knows neither a web framework nor MLf
 import contextlib
 import io
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# ONNX Runtime's official Linux builds send usage telemetry, with a device id kept in a file in
+# TMPDIR, unless this is set before it is first imported: a model server does not phone home.
+# An operator who wants it sets ORT_DISABLE_TELEMETRY=0.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -244,7 +244,7 @@ class ModelRegistry:
             code_modules=code_modules,
             max_file_size=max_file_size,
             poll_seconds=config.get("PRED_MODEL_POLL_SECONDS", Settings.PRED_MODEL_POLL_SECONDS),
-            engine=config.get("INFERENCE_ENGINE") or engines.TORCH,
+            engine=config.get("INFERENCE_ENGINE") or Settings.INFERENCE_ENGINE,
             max_batch=config.get("MAX_FILES") or Settings.MAX_FILES,
         )
 

@@ -3,7 +3,10 @@ or the service says why not and serves with PyTorch (``auto``) or refuses (``onn
 
 import io
 import json
+import os
 import signal
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -19,7 +22,7 @@ from service.formats import read_model_file
 from service.inference import Classifier
 from service.preprocess import InputSpec
 from tests import images
-from tests.support import flask, project_package, run_gunicorn, wait_for_workers, write_template_checkpoint
+from tests.support import ROOT, flask, project_package, run_gunicorn, wait_for_workers, write_template_checkpoint
 from tests.test_architectures import FAMILIES, LABELS, checkpoint
 
 PREDICT = "/api/v1/model/predict"
@@ -98,8 +101,10 @@ def test_the_template_digits_get_the_same_answers_on_either_engine(tiny_checkpoi
         )
 
 
-def test_torch_never_exports_and_an_unknown_engine_is_a_config_error(tiny_checkpoint, caplog):
-    app = create_app({"TESTING": True, "PRED_MODEL_PATH": str(tiny_checkpoint)})  # torch: the default
+def test_auto_is_the_default_torch_never_exports_and_an_unknown_engine_is_a_config_error(tiny_checkpoint, caplog):
+    assert from_env({}).INFERENCE_ENGINE == "auto"
+    assert create_app({"TESTING": True, "PRED_MODEL_PATH": str(tiny_checkpoint)}).extensions["model_registry"].engine == "auto"
+    app = create_app({"TESTING": True, "PRED_MODEL_PATH": str(tiny_checkpoint), "INFERENCE_ENGINE": "torch"})
     assert app.extensions["model_registry"].get().onnx is None
     assert "exported to ONNX" not in caplog.text
     with pytest.raises(ConfigError, match="INFERENCE_ENGINE: expected one of auto, torch, onnxruntime, got 'tensorrt'"):
@@ -180,14 +185,12 @@ def test_a_network_onnx_cannot_carry_serves_on_pytorch_under_auto_and_is_refused
 
 
 def test_inspect_names_the_engine(tiny_checkpoint):
-    assert json.loads(flask("model", "inspect", str(tiny_checkpoint)).stdout)["engine"] == {
-        "engine": "torch", "why": "INFERENCE_ENGINE=torch"
-    }
-    app = create_app({"TESTING": True, "PRED_MODEL_PATH": str(tiny_checkpoint), "INFERENCE_ENGINE": "auto"})
+    engine = json.loads(flask("model", "inspect", str(tiny_checkpoint)).stdout)["engine"]  # auto: the default
+    assert engine["engine"] == "onnxruntime" and engine["why"].startswith("same answers as PyTorch within")
+    app = create_app({"TESTING": True, "PRED_MODEL_PATH": str(tiny_checkpoint), "INFERENCE_ENGINE": "torch"})
     result = app.test_cli_runner().invoke(args=["model", "inspect", str(tiny_checkpoint)])
     assert result.exit_code == 0, result.output
-    engine = json.loads(result.output)["engine"]
-    assert engine["engine"] == "onnxruntime" and engine["why"].startswith("same answers as PyTorch within")
+    assert json.loads(result.output)["engine"] == {"engine": "torch", "why": "INFERENCE_ENGINE=torch"}
 
 
 # -- gunicorn: each worker its own session, through a rollout -----------------------------------
@@ -229,3 +232,27 @@ def test_two_workers_serve_on_onnx_runtime_through_a_rollout(tmp_path):
             and 'engine="onnxruntime"' in line and line.endswith(" 1.0")], metrics
     assert log.count("exported to ONNX and checked against PyTorch") == 2  # once per version, in the master
     assert "Traceback" not in log
+
+
+NO_TELEMETRY_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    from service import engines
+    from service.architectures import DigitCNN
+
+    engines.OnnxRunner(engines.export(DigitCNN().eval(), (1, 28, 28)))
+    print(os.environ["ORT_DISABLE_TELEMETRY"], sorted(os.listdir(sys.argv[1])))
+    """
+)
+
+
+def test_onnx_runtime_sends_no_telemetry_and_leaves_no_file(tmp_path):
+    """ONNX Runtime's Linux builds collect usage telemetry and keep a session file (``.ses``) in
+    TMPDIR unless ORT_DISABLE_TELEMETRY is set before they are imported: the service sets it."""
+    environment = {**os.environ, "TMPDIR": str(tmp_path)}
+    environment.pop("ORT_DISABLE_TELEMETRY", None)
+    result = subprocess.run([sys.executable, "-c", NO_TELEMETRY_SCRIPT, str(tmp_path)], cwd=ROOT, env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    setting, files = result.stdout.split(" ", 1)
+    assert setting == "1" and ".ses" not in files, result.stdout
