@@ -4,6 +4,7 @@ import hashlib
 import importlib.metadata
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,23 @@ def test_the_logged_model_pins_only_versions_a_package_index_serves(tracking_url
     assert "torch" in pins, pip_lists
     # MLflow warns of "mismatches between the model's dependencies and the current Python environment".
     assert "mismatch" not in TRAIN_OUTPUT[trained_run].lower(), TRAIN_OUTPUT[trained_run]
+    # And pip itself finds every pinned version on the package index this machine installs from.
+    served = {name: index_versions(name) for name in pins}
+    if all(versions is None for versions in served.values()):
+        pytest.skip("no package index answers here: the pins were checked for local labels only")
+    for name, version in pins.items():
+        assert served[name] is None or Version(version) in served[name], f"{name}=={version} is not on the index"
+
+
+def index_versions(name):
+    """The versions of ``name`` that pip finds on its package index, or None when it cannot ask."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "index", "versions", name], capture_output=True, text=True, timeout=120,
+    )
+    listed = next((line for line in result.stdout.splitlines() if line.startswith("Available versions:")), None)
+    if result.returncode != 0 or listed is None:
+        return None
+    return {Version(version.strip()) for version in listed.partition(":")[2].split(",")}
 
 
 def test_download_by_run_id_then_gunicorn_predicts_as_in_process(tracking_url, trained_run, tmp_path):
