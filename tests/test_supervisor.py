@@ -163,11 +163,13 @@ def wait_for_moment(served, moment, timeout=300):
     ("moment", "sig", "target"),
     [
         ("tracking server starting", signal.SIGINT, "group"),
+        ("tracking server starting", signal.SIGTERM, "supervisor"),
         ("gunicorn starting", signal.SIGTERM, "group, then the supervisor again (as make forwards it)"),
         ("gunicorn starting", signal.SIGKILL, "supervisor"),
         ("serving", signal.SIGINT, "group"),
         ("serving", signal.SIGTERM, "supervisor"),
         ("serving", signal.SIGKILL, "supervisor"),
+        ("serving", signal.SIGHUP, "group"),  # a closed terminal
     ],
 )
 def test_the_demo_leaves_no_process_and_no_port_behind(demo_store, tmp_path, moment, sig, target):
