@@ -176,23 +176,27 @@ def measure_limit(model_path, png, images, processes, seconds):
     busy, ours, wall = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
     # Ctrl-C is for this process alone, which stops the workers: they start with SIGINT blocked (a
     # child inherits the mask), so none prints a KeyboardInterrupt traceback of its own.
-    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # A Ctrl-C that arrives while they start is raised once the mask is restored: the workers
+    # started by then are stopped all the same.
     try:
-        for worker in workers:
-            worker.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
-    try:
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for worker in workers:
+                worker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         outcomes = [results.get(timeout=seconds + 120) for _ in workers]
     except BaseException:
         for worker in workers:
-            worker.kill()
+            if worker.pid is not None:
+                worker.kill()
         raise
     finally:
         for worker in workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.kill()
+            if worker.pid is not None:
+                worker.join(timeout=30)
+                if worker.is_alive():
+                    worker.kill()
     elsewhere = (busy_cpu_seconds() - busy) - (own_cpu_seconds() - ours)
     calls_per_s = sum(count / elapsed for count, elapsed, _, _ in outcomes)
     latencies = sorted(t for _, _, _, times in outcomes for t in times)
