@@ -12,7 +12,7 @@ from torch import nn
 # A file whose presence makes SlowFirstRun's first forward pass in each process take this long.
 SLOW_FLAG_VARIABLE = "SLOW_FIRST_RUN_FLAG"
 SLOW_SECONDS = 120
-# A file whose presence makes FailsWhenFlagged's forward pass fail.
+# A file whose presence makes FailsWhenFlagged's first forward pass in a process fail.
 FAIL_FLAG_VARIABLE = "FAIL_FLAG"
 
 
@@ -44,15 +44,19 @@ class SlowFirstRun(nn.Module):
 
 
 class FailsWhenFlagged(nn.Module):
-    """A linear digit classifier whose forward pass fails while the file FAIL_FLAG names exists:
-    a worker started then cannot warm up (a device out of memory, a file gone)."""
+    """A linear digit classifier whose first forward pass in a process (a worker's warm-up) fails
+    while the file FAIL_FLAG names exists: a worker started then cannot warm up (a device out of
+    memory, a file gone), while the workers already serving go on."""
 
     def __init__(self, num_classes=10):
         super().__init__()
         self.fc = nn.Linear(28 * 28, num_classes)
+        self.ran = False
 
     def forward(self, x):
-        flag = os.environ.get(FAIL_FLAG_VARIABLE)
-        if flag and os.path.exists(flag):
-            raise RuntimeError("the warm-up fails while the flag file exists")
+        if not self.ran:
+            flag = os.environ.get(FAIL_FLAG_VARIABLE)
+            if flag and os.path.exists(flag):
+                raise RuntimeError("the warm-up fails while the flag file exists")
+            self.ran = True
         return torch.log_softmax(self.fc(x.flatten(1)), 1)
