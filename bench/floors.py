@@ -9,7 +9,8 @@ what gunicorn, the socket and the load generator cost. ``flask_floor`` is a bare
 view parses the multipart body with ``request.files`` and answers JSON: what any Flask service
 taking uploads pays before it does anything of its own. Neither runs a model. ``model_floor`` is
 that bare view running the model's calls the service's predict view makes (``Classifier.prepare``
-and ``Classifier.classify``, one torch thread per worker) and nothing else: no argument or
+and ``Classifier.classify``, one torch thread per worker, on the engine the service would run:
+INFERENCE_ENGINE or its default) and nothing else: no argument or
 response schemas, request ids, metrics or access log. Served like this, the model's work costs
 what it costs between requests, with cold caches, not what the no-HTTP limit's tight loop says;
 what the service costs over ``model_floor`` is its own layers. ``make bench`` posts the same
@@ -50,16 +51,22 @@ def ready():
     return {"status": "ok"}
 
 
-def single_threaded_model(path):
-    """The model file at ``path`` as a worker of the service runs it by default on two cores (one
-    torch thread), warmed up, with the service's default MAX_IMAGE_PIXELS: (classifier, pixels)."""
+def single_threaded_model(path, engine="torch"):
+    """The model file at ``path`` as a worker of the service runs it on two cores (one torch
+    thread), warmed up, with the service's default MAX_IMAGE_PIXELS: (classifier, pixels).
+    ``engine`` is an INFERENCE_ENGINE: ``torch`` (eager) for the no-HTTP limit; the model floor
+    runs on the service's default, as the service does."""
     import torch
 
     from config.settings import Settings
+    from service import engines
     from service.formats import read_model
 
     torch.set_num_threads(1)
-    classifier, _ = read_model(Path(path).read_bytes())
+    classifier, metadata = read_model(Path(path).read_bytes())
+    choice = engines.choose(classifier, metadata["architecture"], engine, Settings.MAX_FILES)
+    if choice.onnx is not None:
+        classifier.runner = engines.OnnxRunner(choice.onnx, threads=1)
     classifier.warm_up()
     return classifier, Settings.MAX_IMAGE_PIXELS
 
@@ -70,7 +77,10 @@ _classifier = []  # this worker's, loaded by its first readiness probe (after gu
 
 def _model():
     if not _classifier:
-        _classifier.append(single_threaded_model(os.environ["PRED_MODEL_PATH"]))
+        from config.settings import Settings
+
+        engine = os.environ.get("INFERENCE_ENGINE", Settings.INFERENCE_ENGINE).lower()
+        _classifier.append(single_threaded_model(os.environ["PRED_MODEL_PATH"], engine))
     return _classifier[0]
 
 

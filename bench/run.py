@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import engines, photos  # noqa: E402
 from bench.floors import single_threaded_model  # noqa: E402
-from config.settings import child_environment, server_from_env  # noqa: E402
+from config.settings import Settings, child_environment, server_from_env  # noqa: E402
 from service.architectures import DigitCNN  # noqa: E402
 from service.demo import GUNICORN, stop  # noqa: E402
 from service.training import digit_image  # noqa: E402
@@ -559,7 +559,7 @@ def measure_photo_model(folder, model, photo_path, seconds, runs):
         print(f"photos, {model.architecture}: the naive pipeline and the service's calls in this process ...",
               flush=True)
         first, first_busy = time_in_process(lambda: naive(data), runs // 2 + runs % 2)
-        classifier, max_pixels = single_threaded_model(checkpoint)
+        classifier, max_pixels = single_threaded_model(checkpoint, Settings.INFERENCE_ENGINE)  # as served
         calls, calls_busy = time_in_process(
             lambda: classifier.classify([classifier.prepare(data, photo_path.name, max_pixels)]), runs)
         served = {}
