@@ -387,14 +387,18 @@ http {{
 
 
 def process_tree_cpu_seconds(pid):
-    """CPU seconds (user + system) of a process and its children, as they are now."""
+    """CPU seconds (user + system) of a process and its children, as they are now, including the
+    children it has already reaped: a worker recycled by GUNICORN_MAX_REQUESTS during a run
+    leaves the tree, and its CPU moves into its master's children's times, not out of the sum."""
     total = 0.0
     try:
         parent = psutil.Process(pid)
-        processes = [parent, *parent.children()]
+        times = parent.cpu_times()
+        total += times.user + times.system + times.children_user + times.children_system
+        children = parent.children()
     except psutil.NoSuchProcess:
         return total
-    for process in processes:
+    for process in children:
         try:
             times = process.cpu_times()
             total += times.user + times.system
