@@ -154,9 +154,11 @@ def test_ctrl_c_stops_the_bench_with_one_line(tmp_path):
     output = tmp_path / "BENCHMARKS.md"
     command = [sys.executable, "-m", "bench.run", "--limit-duration", "60", "--output", str(output),
                "--plot", str(tmp_path / "plot.png")]
-    # Its own process group, as make's in a terminal: Ctrl-C signals the whole group.
+    # Its own process group, as make's in a terminal: Ctrl-C signals the whole group. And SIGINT
+    # handled as in a terminal, though a shell starting these tests in the background ignores it.
     process = subprocess.Popen(command, cwd=ROOT, env=child_environment({"PYTHONUNBUFFERED": "1"}),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert process.stdout.readline().startswith("limit without HTTP")
         deadline = time.monotonic() + 120
