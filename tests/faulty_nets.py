@@ -24,9 +24,12 @@ def cancelled(num_classes):
 cancelled.__network_builder__ = True
 
 
-class SlowFirstRun(nn.Module):
-    """A linear digit classifier whose first forward pass in a process (a worker's warm-up) takes
-    SLOW_SECONDS once the file SLOW_FIRST_RUN_FLAG names exists: a worker that boots for minutes."""
+class FirstRunWhenFlagged(nn.Module):
+    """A linear digit classifier that misbehaves (:meth:`flagged`) in the first forward pass of a
+    process, a worker's warm-up, while the file its ``FLAG_VARIABLE`` names exists; the workers
+    already serving go on."""
+
+    FLAG_VARIABLE = ""
 
     def __init__(self, num_classes=10):
         super().__init__()
@@ -35,28 +38,30 @@ class SlowFirstRun(nn.Module):
 
     def forward(self, x):
         if not self.ran:
-            self.ran = True
-            flag = os.environ.get(SLOW_FLAG_VARIABLE)
+            flag = os.environ.get(self.FLAG_VARIABLE)
             if flag and os.path.exists(flag):
-                print(f"pid {os.getpid()}: warming up slowly", file=sys.stderr, flush=True)
-                time.sleep(SLOW_SECONDS)
-        return torch.log_softmax(self.fc(x.flatten(1)), 1)
-
-
-class FailsWhenFlagged(nn.Module):
-    """A linear digit classifier whose first forward pass in a process (a worker's warm-up) fails
-    while the file FAIL_FLAG names exists: a worker started then cannot warm up (a device out of
-    memory, a file gone), while the workers already serving go on."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.fc = nn.Linear(28 * 28, num_classes)
-        self.ran = False
-
-    def forward(self, x):
-        if not self.ran:
-            flag = os.environ.get(FAIL_FLAG_VARIABLE)
-            if flag and os.path.exists(flag):
-                raise RuntimeError("the warm-up fails while the flag file exists")
+                self.flagged()
             self.ran = True
         return torch.log_softmax(self.fc(x.flatten(1)), 1)
+
+    def flagged(self):
+        raise NotImplementedError
+
+
+class SlowFirstRun(FirstRunWhenFlagged):
+    """A worker that boots for minutes: its warm-up takes SLOW_SECONDS while SLOW_FIRST_RUN_FLAG's file exists."""
+
+    FLAG_VARIABLE = SLOW_FLAG_VARIABLE
+
+    def flagged(self):
+        print(f"pid {os.getpid()}: warming up slowly", file=sys.stderr, flush=True)
+        time.sleep(SLOW_SECONDS)
+
+
+class FailsWhenFlagged(FirstRunWhenFlagged):
+    """A worker that cannot warm up (a device out of memory, a file gone) while FAIL_FLAG's file exists."""
+
+    FLAG_VARIABLE = FAIL_FLAG_VARIABLE
+
+    def flagged(self):
+        raise RuntimeError("the warm-up fails while the flag file exists")

@@ -288,17 +288,22 @@ def roll_out_a_version_its_workers_cannot_start(server, path, tmp_path):
     assert len(re.findall(r"going back to", log)) == 1, log  # refused once
 
 
+def serving_flagged(net, tmp_path):
+    """The environment that serves ``net`` (a faulty_nets.FirstRunWhenFlagged) from its project
+    module, on PyTorch, so that its own forward pass runs in the workers, and its flag file: (env, flag)."""
+    name = type(net).__name__
+    path = write_network_checkpoint(tmp_path / "served" / "model.pt", net, architecture=f"{FAULTY_NETS}:{name}",
+                                    labels=DIGITS, input_shape=[1, 28, 28])
+    flag = tmp_path / "flag"
+    env = {"PRED_MODEL_PATH": path, "MODEL_CODE_MODULES": FAULTY_NETS, net.FLAG_VARIABLE: flag, "INFERENCE_ENGINE": "torch"}
+    return env, flag
+
+
 def test_a_worker_respawned_before_any_rollout_that_fails_its_warm_up_is_started_again_and_the_server_stays(tmp_path):
     """No rollout has happened: a replacement worker that cannot warm up is not the first boot
     (which would stop the server) and has nothing to roll back to: it is started again, with a
     growing delay, while the other worker answers; once the fault is gone it comes back."""
-    path = write_network_checkpoint(
-        tmp_path / "served" / "model.pt", faulty_nets.FailsWhenFlagged(), architecture=f"{FAULTY_NETS}:FailsWhenFlagged",
-        labels=DIGITS, input_shape=[1, 28, 28],
-    )
-    flag = tmp_path / "fail"
-    env = {"PRED_MODEL_PATH": path, "MODEL_CODE_MODULES": FAULTY_NETS, faulty_nets.FAIL_FLAG_VARIABLE: flag,
-           "INFERENCE_ENGINE": "torch"}  # the network's own forward pass runs in the workers
+    env, flag = serving_flagged(faulty_nets.FailsWhenFlagged(), tmp_path)
     with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
         version, _ = served_version(server)
         workers = wait_for_workers(server.process, 2)
@@ -439,13 +444,7 @@ def test_a_tracking_server_stopped_during_a_download_is_waited_for_then_the_vers
 
 
 def test_a_master_stopped_while_a_worker_boots_exits_at_once_with_everything_it_started(tmp_path):
-    path = write_network_checkpoint(
-        tmp_path / "served" / "model.pt", faulty_nets.SlowFirstRun(), architecture=f"{FAULTY_NETS}:SlowFirstRun",
-        labels=DIGITS, input_shape=[1, 28, 28],
-    )
-    flag = tmp_path / "slow"
-    env = {"PRED_MODEL_PATH": path, "MODEL_CODE_MODULES": FAULTY_NETS, faulty_nets.SLOW_FLAG_VARIABLE: flag,
-           "INFERENCE_ENGINE": "torch"}  # the network's own forward pass runs in the workers
+    env, flag = serving_flagged(faulty_nets.SlowFirstRun(), tmp_path)
     with run_gunicorn(tmp_path, env) as server, continuous_load(server.url, tmp_path) as load:
         workers = wait_for_workers(server.process, 2)
         flag.touch()  # from now on, a worker's warm-up takes minutes
