@@ -15,6 +15,8 @@ Like :mod:`service.inference`, this module knows neither a web framework nor MLf
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import io
 import logging
 import os
@@ -80,6 +82,7 @@ def choose(classifier, architecture, setting=AUTO, max_batch=1, device="cpu"):
         except EngineError as exc:
             why_not = str(exc)
         else:
+            release_free_memory()  # the exporter's and the checking session's transient copies
             return Choice(ONNXRUNTIME, f"same answers as PyTorch within {difference:.0e}", onnx, difference)
     if setting == ONNXRUNTIME:
         raise EngineError(f"{SETTING}=onnxruntime: {why_not}")
@@ -137,6 +140,29 @@ def _quiet():
                 logger.setLevel(level)
 
 
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory():
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Building an ONNX Runtime session goes through two to three transient copies of the weights
+    (the parsed model, its initializers, their re-laid-out forms), which glibc keeps as free heap
+    instead of returning them: a worker's session of resnet18 (45 MiB of weights) held 142 MiB of
+    its memory, 52 MiB once trimmed.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 class OnnxRunner:
     """An ONNX Runtime session of one process: call it with an NxCxHxW batch, get the network's outputs."""
 
@@ -152,6 +178,7 @@ class OnnxRunner:
         except Exception as exc:
             raise EngineError(f"ONNX Runtime cannot run the export ({str(exc).strip()[:200]})") from None
         self.input = self.session.get_inputs()[0].name
+        release_free_memory()
 
     def __call__(self, batch):
         array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
