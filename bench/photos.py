@@ -100,6 +100,13 @@ def write_checkpoint(path, model, seed=0):
     return path
 
 
+def weights_mb(model):
+    """The size of ``model``'s (a PhotoModel's) parameters and buffers in MB."""
+    network = torchvision.models.get_model(model.architecture, weights=None)
+    tensors = [*network.parameters(), *network.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors) / 1e6
+
+
 @contextlib.contextmanager
 def torch_threads(count):
     """Run the block with ``count`` torch threads, as a served worker does, then put them back."""

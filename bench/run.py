@@ -75,6 +75,10 @@ GENERATED_NOTE = "<!-- Written by `make bench` (bench/run.py); edits here are re
 # The photo runs: one worker with one torch thread, so the served latency is one request's own.
 PHOTO_WORKERS = 1
 PHOTO_ENV = {"TORCH_NUM_THREADS": 1}
+# Workers' memory with each engine is read with as many workers as the digits run with, after a
+# few photos: PSS divides what they share with the master between them.
+MEMORY_WORKERS, MEMORY_PHOTOS = 2, 4
+ENGINES = ("auto", "torch")
 PHOTO_CONCURRENCY = (1, 8)
 MB = 1024 * 1024
 
@@ -525,6 +529,8 @@ class PhotoResult:
     calls: photos.Timing
     calls_busy: float
     served: dict
+    # INFERENCE_ENGINE -> (the workers' mean RSS, their mean PSS, the master's PSS) in MB
+    memory: dict = field(default_factory=dict)
 
     @property
     def ratio(self):
@@ -575,7 +581,32 @@ def measure_photo_model(folder, model, photo_path, seconds, runs):
                 served[connections] = measure_http(server, connections, photo_path, 1, seconds,
                                                    label=f"served, {connections} connection(s)")
         second, second_busy = time_in_process(lambda: naive(data), runs // 2)
-    return PhotoResult(model, first + second, max(first_busy, second_busy), calls, calls_busy, served)
+    memory = {engine: workers_memory(folder, model, checkpoint, photo_path, engine) for engine in ENGINES}
+    return PhotoResult(model, first + second, max(first_busy, second_busy), calls, calls_busy, served, memory)
+
+
+def workers_memory(folder, model, checkpoint, photo_path, engine):
+    """(mean RSS, mean PSS, the master's PSS) in MB of the service's MEMORY_WORKERS workers serving
+    ``model`` with INFERENCE_ENGINE ``engine``, once they have answered MEMORY_PHOTOS photos."""
+    print(f"photos, {model.architecture}: workers' memory with INFERENCE_ENGINE={engine} ...", flush=True)
+    with Gunicorn(folder / f"memory-{model.architecture}-{engine}.log", MEMORY_WORKERS, model_path=checkpoint,
+                  env={**PHOTO_ENV, "INFERENCE_ENGINE": engine}) as server:
+        for _ in range(MEMORY_PHOTOS):
+            post_photo(server.url, photo_path)
+        memory = [memory_mb(pid) for pid in server.worker_pids()]
+        master = memory_mb(server.process.pid)
+    return statistics.mean(rss for rss, _ in memory), statistics.mean(pss for _, pss in memory), master[1]
+
+
+def memory_table(results):
+    head = "| Model | Weights MB | INFERENCE_ENGINE | RSS/worker MB | PSS/worker MB | Master PSS MB |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for result in results:
+        weights = photos.weights_mb(result.model)
+        for engine, (rss, pss, master) in result.memory.items():
+            lines.append(f"| {result.model.architecture} | {weights:.1f} | {engine} | {rss:.0f} | {pss:.0f} "
+                         f"| {master:.0f} |")
+    return "\n".join(lines)
 
 
 def photo_table(results, runs):
@@ -668,7 +699,8 @@ def bench_photos(args):
     results_table = photo_table(results, args.photo_runs)
     verdicts, all_met = photo_targets(results)
     margins = margin_table(rows)
-    print("\n" + results_table + "\n\n" + verdicts + "\n\n" + margins)
+    memory = memory_table(results)
+    print("\n" + results_table + "\n\n" + verdicts + "\n\n" + memory + "\n\n" + margins)
     width, height = photos.SERVED_PHOTO
     body = "\n\n".join([
         "## Photos",
@@ -690,6 +722,11 @@ def bench_photos(args):
         "and wrk's CPU per request; in-process, this process's CPU per call.",
         "### Photo targets",
         verdicts,
+        "### Photos: workers' memory with each engine",
+        f"The service as deployed with {MEMORY_WORKERS} workers and one torch thread each, read from "
+        f"/proc/<pid>/smaps_rollup once it has answered {MEMORY_PHOTOS} photos: eager PyTorch's workers share "
+        "the master's weights; each ONNX Runtime worker holds its own session's copy, laid out for its kernels.",
+        memory,
         "### Photos: the decode margin",
         "Each photo decoded as the service decodes it with each margin — libjpeg's smallest scale (1, 1/2, 1/4 "
         "or 1/8) that keeps the shorter side at least margin × 256 (ResNet18_Weights' resize), then reduced by "

@@ -25,9 +25,11 @@ from bench.run import (
     Nginx,
     digit_png,
     measure_paired,
+    memory_table,
     paired_difference,
     post_photo,
     run_wrk,
+    workers_memory,
     write_report,
 )
 from config.settings import child_environment
@@ -124,6 +126,18 @@ def test_the_photo_requests_are_answered_by_a_served_torchvision_model(tmp_path,
     assert answer["image_filename"] == "photo.jpg"
     assert answer["prediction"] in torchvision.models.get_weight(model.weights).meta["categories"]
     assert_all_answered(result)
+
+
+def test_workers_memory_is_read_with_each_engine(tmp_path, photo_path):
+    model = next(model for model in photos.PHOTO_MODELS if model.architecture == "mobilenet_v3_small")
+    checkpoint = photos.write_checkpoint(tmp_path / "model.pt", model)
+    memory = {engine: workers_memory(tmp_path, model, checkpoint, photo_path, engine) for engine in ("auto", "torch")}
+    for rss, pss, master in memory.values():
+        assert 0 < pss <= rss and master > 0
+    result = type("Result", (), {"model": model, "memory": memory})
+    rows = memory_table([result]).splitlines()[2:]
+    assert [row.split(" | ")[2] for row in rows] == ["auto", "torch"]
+    assert rows[0].split(" | ")[1] == f"{photos.weights_mb(model):.1f}" == "10.2"
 
 
 def test_the_margin_study_compares_with_the_full_decode(tmp_path):
