@@ -158,3 +158,13 @@ def test_the_trained_model_reads_held_out_digits_of_every_kind(kind, trained_che
     labels = [str(split.targets[i]) for i in split.test]
     accuracy = np.mean([p.label == label for p, label in zip(predictions, labels)])
     assert accuracy >= logged - (0.02 if kind == "photographed paper" else 1 / len(labels)), (kind, accuracy)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 208, 209, 1000])
+def test_the_frame_median_is_numpys(size):
+    from service.preprocess import median
+
+    rng = np.random.default_rng(size)
+    for values in (rng.random(size, dtype=np.float32), rng.integers(0, 256, size).astype(np.float32) / 255,
+                   np.full(size, 0.25, dtype=np.float32), np.float32(1e-38) * rng.random(size, dtype=np.float32)):
+        assert median(values) == float(np.median(values))
