@@ -989,7 +989,7 @@ def bench_digits(args):
                 run.ratio = run.images_per_s / limits[1].images_per_s
                 proxied.append(run)
         print("the engines side by side, in this process ...", flush=True)
-        engine_pairs = engines.measure(model_path, png)
+        engine_pairs, peak_gflops = engines.measure(model_path, png)
     load_after = os.getloadavg()
 
     floor_runs = [run for by_concurrency in floors.values() for run in by_concurrency.values()]
@@ -999,10 +999,10 @@ def bench_digits(args):
                   next((run for run in proxied if run.concurrency == 8), None), limits[1], at8)
     own = next((ms for part, ms, _ in parts if part.startswith("the service's own")), None)
     verdicts, all_met = targets(http, limits, own, [*floor_runs, *paired["model"], *paired["service"]])
-    engine_lines, engines_met = engines.verdicts(engine_pairs)
+    engine_lines, engines_met = engines.verdicts(engine_pairs, peak_gflops)
     verdicts = "\n".join([verdicts, *engine_lines])
     all_met = all_met and engines_met
-    print("\n" + results + "\n\n" + split_table(parts) + "\n\n" + engines.table(engine_pairs) + "\n\n" + verdicts)
+    print("\n" + results + "\n\n" + split_table(parts) + "\n\n" + engines.table(engine_pairs, peak_gflops) + "\n\n" + verdicts)
     plot(http, limits, args.plot)
     body = "\n\n".join([
         "## Latest run",
@@ -1027,7 +1027,7 @@ def bench_digits(args):
         "export, checked against PyTorch); the no-HTTP limit is eager PyTorch. "
         f"The row \"{TORCH_LABEL}\" is the same service with eager PyTorch. Below, in this process with one thread (bench/engines.py): the forward pass "
         "alone and the model's calls for one digit, with each engine.",
-        engines.table(engine_pairs),
+        engines.table(engine_pairs, peak_gflops),
         "### Targets",
         verdicts,
     ])

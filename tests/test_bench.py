@@ -187,3 +187,30 @@ def test_ctrl_c_stops_the_bench_with_one_line(tmp_path):
     assert process.returncode == 130, rest
     assert rest.strip().splitlines() == ["make bench: interrupted; nothing written"], rest
     assert running(workers) == [] and not output.exists()
+
+
+def test_the_engines_are_timed_side_by_side_with_the_bound_this_core_sets(tiny_checkpoint):
+    from bench import engines
+
+    pairs, peak = engines.measure(tiny_checkpoint, digit_png(), rounds=1, runs=2)
+    assert [pair.what.split(" ")[1] for pair in pairs] == ["digit_cnn", "mobilenet_v3_small", "resnet18", "+"]
+    digits = pairs[0]
+    assert digits.flops == 2 * (32 * 9 * 26 * 26 + 64 * 32 * 9 * 24 * 24 + 9216 * 128 + 128 * 10)
+    assert pairs[-1].flops is None and peak >= max(pair.gflops(pair.onnx_ms) for pair in pairs[:3])
+    assert all(pair.max_difference <= 1e-5 and pair.torch_ms > 0 and pair.onnx_ms > 0 for pair in pairs)
+    rows = engines.table(pairs, peak).splitlines()
+    assert len(rows) == 2 + len(pairs) + 2 and rows[-1].startswith("The fastest fp32 rate measured on this core")
+    lines, _ = engines.verdicts(pairs, peak)
+    assert len(lines) == 3  # digit_cnn, mobilenet_v3_small, the model's calls
+
+
+def test_a_missed_forward_target_says_when_this_core_cannot_reach_it():
+    from bench import engines
+
+    # 24 MFLOP: 0.5 ms eager, 0.27 ms on ONNX Runtime, on a core whose peak is 96 GFLOP/s (0.25 ms at best)
+    pair = engines.Pair("forward, digit_cnn 1×28×28", 0.5, 0.27, 0.0, flops=24e6)
+    assert pair.speedup_bound(96) == pytest.approx(2.0)
+    (line,), met = engines.verdicts([pair], 96)
+    assert not met and line.startswith("- MISSED") and "this core allows at most 2.0 ×" in line and "89 GFLOP/s" in line
+    (line,), met = engines.verdicts([engines.Pair(pair.what, 1.5, 0.5, 0.0, flops=24e6)], 96)
+    assert met and line.endswith(": 3.00 ×")
