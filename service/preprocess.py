@@ -149,14 +149,14 @@ def _flatten_on_contrast(image):
 
 
 def median(values):
-    """``float(np.median(values))`` of a 1-D float32 array of finite numbers, the same value, in a
+    """``float(np.median(values))`` of a 1-D float array of finite numbers, the same value, in a
     fifth of the time on the small frames polarity looks at (np.median's checks and dispatch cost
     more than partitioning a few hundred pixels)."""
     middle = len(values) // 2
     if len(values) % 2:
         return float(np.partition(values, middle)[middle])
     low, high = np.partition(values, (middle - 1, middle))[middle - 1 : middle + 1]
-    return float(np.float32(low + high) / np.float32(2))  # as np.median: the mean of the two, in float32
+    return float((low + high) / 2)  # as np.median: the mean of the two, in the array's own precision
 
 
 def _normalise_polarity(pixels, polarity):

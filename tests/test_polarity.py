@@ -166,5 +166,6 @@ def test_the_frame_median_is_numpys(size):
 
     rng = np.random.default_rng(size)
     for values in (rng.random(size, dtype=np.float32), rng.integers(0, 256, size).astype(np.float32) / 255,
-                   np.full(size, 0.25, dtype=np.float32), np.float32(1e-38) * rng.random(size, dtype=np.float32)):
+                   np.full(size, 0.25, dtype=np.float32), np.float32(1e-38) * rng.random(size, dtype=np.float32),
+                   rng.random(size) / 3):  # float64 too
         assert median(values) == float(np.median(values))
