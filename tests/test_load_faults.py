@@ -194,9 +194,11 @@ def test_a_killed_worker_is_replaced_and_only_its_request_fails(tmp_path, tiny_c
     answered = {m["id"] for m in ANSWERED.finditer(log)}
     in_flight = {m["id"] for m in STARTED.finditer(log) if int(m["pid"]) == victim} - answered
     failed = load.failures()
-    # A sync worker serves one request at a time: what it held is all that can be lost.
-    assert len(in_flight) <= 1
-    assert {outcome.request_id for outcome in failed} <= in_flight, failed
+    # A sync worker serves one request at a time: what it held is all that can be lost. Killed
+    # after accepting a connection but before its pre_request hook logged the request, it held
+    # one that its log never names.
+    assert len(in_flight) <= 1 and len(failed) <= 1, (in_flight, failed)
+    assert not in_flight or {outcome.request_id for outcome in failed} <= in_flight, failed
     assert all(outcome.status is None for outcome in failed)  # lost, never answered with an error
     assert len(load.outcomes) > 400
 
