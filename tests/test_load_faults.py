@@ -182,7 +182,9 @@ def test_a_killed_worker_is_replaced_and_only_its_request_fails(tmp_path, tiny_c
         victim = min(workers)
         with Load(port_of(server), clients=8) as load:
             load.wait_for(200)
+            sent = time.monotonic()
             os.kill(victim, signal.SIGKILL)
+            killed = time.monotonic()
             replaced = wait_for_workers(server.process, 2, exclude={victim})
             load.wait_for(len(load.outcomes) + 200)  # and the load goes on, served by both
         for _ in range(10):
@@ -199,6 +201,7 @@ def test_a_killed_worker_is_replaced_and_only_its_request_fails(tmp_path, tiny_c
     # one that its log never names.
     assert len(in_flight) <= 1 and len(failed) <= 1, (in_flight, failed)
     assert not in_flight or {outcome.request_id for outcome in failed} <= in_flight, failed
+    assert all(outcome.started < killed and outcome.finished > sent for outcome in failed), (sent, killed, failed)
     assert all(outcome.status is None for outcome in failed)  # lost, never answered with an error
     assert len(load.outcomes) > 400
 
