@@ -82,8 +82,9 @@ def choose(classifier, architecture, setting=AUTO, max_batch=1, device="cpu"):
         except EngineError as exc:
             why_not = str(exc)
         else:
-            release_free_memory()  # the exporter's and the checking session's transient copies
             return Choice(ONNXRUNTIME, f"same answers as PyTorch within {difference:.0e}", onnx, difference)
+        finally:
+            release_free_memory()  # the exporter's and the checking session's transient copies, either way
     if setting == ONNXRUNTIME:
         raise EngineError(f"{SETTING}=onnxruntime: {why_not}")
     return Choice(TORCH, why_not)

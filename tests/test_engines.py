@@ -297,3 +297,13 @@ def test_a_worker_building_its_session_keeps_little_more_than_the_weights_it_ser
     assert result.returncode == 0, result.stderr[-2000:]
     weights, grown = map(float, result.stdout.split())
     assert grown < 2 * weights, f"the worker's session took {grown:.0f} MB for {weights:.0f} MB of weights"
+
+
+def test_a_c_library_without_malloc_trim_builds_sessions_all_the_same(monkeypatch):
+    """musl and macOS have no malloc_trim: the memory is then not handed back, and nothing else changes."""
+    monkeypatch.setattr(engines, "_TRIM", None)
+    engines.release_free_memory()
+    classifier = Classifier(DigitCNN().eval(), tuple(LABELS))
+    choice = engines.choose(classifier, "digit_cnn", engines.AUTO, max_batch=2)
+    assert choice.engine == engines.ONNXRUNTIME
+    assert engines.OnnxRunner(choice.onnx)(torch.zeros((1, 1, 28, 28))).shape == (1, 10)
