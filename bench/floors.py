@@ -77,10 +77,9 @@ _classifier = []  # this worker's, loaded by its first readiness probe (after gu
 
 def _model():
     if not _classifier:
-        from config.settings import Settings
+        from config.settings import from_env
 
-        engine = os.environ.get("INFERENCE_ENGINE", Settings.INFERENCE_ENGINE).lower()
-        _classifier.append(single_threaded_model(os.environ["PRED_MODEL_PATH"], engine))
+        _classifier.append(single_threaded_model(os.environ["PRED_MODEL_PATH"], from_env().INFERENCE_ENGINE))
     return _classifier[0]
 
 

@@ -78,7 +78,7 @@ PHOTO_ENV = {"TORCH_NUM_THREADS": 1}
 # Workers' memory with each engine is read with as many workers as the digits run with, after a
 # few photos: PSS divides what they share with the master between them.
 MEMORY_WORKERS, MEMORY_PHOTOS = 2, 4
-ENGINES = ("auto", "torch")
+MEMORY_ENGINES = ("auto", "torch")
 PHOTO_CONCURRENCY = (1, 8)
 MB = 1024 * 1024
 
@@ -581,7 +581,7 @@ def measure_photo_model(folder, model, photo_path, seconds, runs):
                 served[connections] = measure_http(server, connections, photo_path, 1, seconds,
                                                    label=f"served, {connections} connection(s)")
         second, second_busy = time_in_process(lambda: naive(data), runs // 2)
-    memory = {engine: workers_memory(folder, model, checkpoint, photo_path, engine) for engine in ENGINES}
+    memory = {engine: workers_memory(folder, model, checkpoint, photo_path, engine) for engine in MEMORY_ENGINES}
     return PhotoResult(model, first + second, max(first_busy, second_busy), calls, calls_busy, served, memory)
 
 
